@@ -1,0 +1,13 @@
+"""ekdaa: backpropagation-free training of convolutional networks.
+
+A learning rule is a choice of backward pass::
+
+    model = ekdaa.convert(model, rule="ekdaa", beta=0.9, gamma=1.0)
+    opt = torch.optim.SGD(ekdaa.param_groups(model, lr=0.01), lr=0.01, momentum=0.9)
+    F.cross_entropy(model(x), y).backward(); opt.step()
+"""
+from .layers import Sign
+from .rules import RULES, ConversionError, convert, param_groups
+
+__version__ = "0.1.0"
+__all__ = ["RULES", "ConversionError", "Sign", "convert", "param_groups", "__version__"]

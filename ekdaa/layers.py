@@ -1,0 +1,154 @@
+"""Building blocks shared by the learning rules.
+
+* :class:`Sign`, the non-differentiable activation the package provides.
+* ``ACTIVATIONS``: the elementwise activation modules a rule may meet, and
+  ``activation_function`` giving the pure function each computes.
+* :class:`FeedbackConv2d` / :class:`FeedbackLinear`: ``nn.Conv2d`` / ``nn.Linear``
+  whose forward is unchanged but whose backward sends the error down through a
+  *feedback tensor* of W's shape (EKDAA's error kernel E, FA's fixed B, ...)
+  instead of W. A rule turns a layer into one in place (``attach_feedback``), so
+  parameter names, objects and hooks stay; the rule supplies the feedback tensor.
+
+The weight-layer backward (``_FeedbackFn``), given the error map e at the layer's
+output, returns
+
+    d  = transposed conv / product of e with F   (the error sent down)
+    dW = e (x) z_prev,  db = sum of e             (the usual local correlation)
+    dF = dW                                       (only if F is learned: EKDAA, KP)
+
+with one fused ``aten.convolution_backward`` call per needed gradient.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Sign(nn.Module):
+    """z = sign(h) (sign(0) = 0). Its derivative is zero almost everywhere, so only
+    rules that never evaluate f' (EKDAA) can train through it."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.sign(h)
+
+
+_SIMPLE: dict[type[nn.Module], Callable[[Tensor], Tensor]] = {
+    nn.Tanh: torch.tanh, nn.ReLU: torch.relu, nn.Sigmoid: torch.sigmoid,
+    nn.Identity: lambda h: h, Sign: torch.sign,
+}
+
+#: The elementwise activation modules the rules understand (exact types).
+ACTIVATIONS: tuple[type[nn.Module], ...] = (*_SIMPLE, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6)
+
+
+def activation_function(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The pure (never in-place) elementwise function an activation module computes."""
+    if isinstance(module, nn.LeakyReLU):
+        slope = module.negative_slope
+        return lambda h: F.leaky_relu(h, slope)
+    if isinstance(module, nn.Hardtanh):
+        lo, hi = module.min_val, module.max_val
+        return lambda h: F.hardtanh(h, lo, hi)
+    return _SIMPLE[type(module)]
+
+
+#: Modules that carry no parameters and whose autograd backward is the routing every
+#: rule wants: max-pool to the winner, avg-pool spread evenly, reshape, same mask.
+PASSTHROUGH: tuple[type[nn.Module], ...] = (
+    nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d)
+
+
+def _conv_args(layer: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
+    padding = layer.padding
+    if isinstance(padding, str):  # 'valid' or 'same' (odd kernels only)
+        if padding == "valid":
+            padding = (0, 0)
+        elif all(k % 2 == 1 for k in layer.kernel_size):
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(layer.kernel_size, layer.dilation))
+        else:
+            raise ValueError("padding='same' with an even kernel is not supported; pad explicitly")
+    return list(layer.stride), list(padding), list(layer.dilation)
+
+
+class _FeedbackFn(torch.autograd.Function):
+    """h = W * x + b forward; backward transmits through ``feedback`` (None: transmit
+    nothing, as DFA's hidden layers do)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
+                conv: tuple | None) -> Tensor:
+        ctx.conv = conv
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, feedback)
+        if conv is None:
+            return F.linear(x, weight, bias)
+        stride, padding, dilation = conv
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, e: Tensor):
+        x, weight, feedback = ctx.saved_tensors
+        # Computed in the parameters' precision (float32 under bf16 autocast).
+        e, x = e.to(weight.dtype), x.to(weight.dtype)
+        need_x = ctx.needs_input_grad[0] and feedback is not None
+        need_w, need_b, need_f = ctx.needs_input_grad[1:4]
+        d = dw = db = None
+        if ctx.conv is None:
+            e2 = e.reshape(-1, e.shape[-1])
+            if need_x:
+                d = e.matmul(feedback)
+            if need_w or need_f:
+                dw = e2.t().matmul(x.reshape(-1, x.shape[-1]))
+            if need_b:
+                db = e2.sum(0)
+        else:
+            args = (*ctx.conv, False, [0, 0], 1)
+            if need_x:
+                d = torch.ops.aten.convolution_backward(
+                    e, x, feedback, None, *args, [True, False, False])[0]
+            if need_w or need_b or need_f:
+                bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+                _, dw, db = torch.ops.aten.convolution_backward(
+                    e, x, weight, bias_sizes, *args, [False, need_w or need_f, need_b])
+        df = dw.clone() if need_f else None  # own storage: W.grad and F.grad must not alias
+        return d, dw if need_w else None, db, df, None
+
+
+class _FeedbackLayer:
+    """Mixin: forward through ``_FeedbackFn`` with the feedback tensor the rule supplies."""
+
+    rule: "object"  # the ekdaa.rules.Rule that converted this layer
+
+    def _conv_args(self):
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = _FeedbackFn.apply(x, self.weight, self.bias, self.rule.feedback(self), self._conv_args())
+        return self.rule.layer_output(self, out)
+
+
+class FeedbackLinear(_FeedbackLayer, nn.Linear):
+    """``nn.Linear`` whose error travels down through a feedback matrix."""
+
+
+class FeedbackConv2d(_FeedbackLayer, nn.Conv2d):
+    """``nn.Conv2d`` whose error travels down through a feedback kernel."""
+
+    def _conv_args(self):
+        return _conv_args(self)
+
+
+FEEDBACK_CLASSES = {nn.Linear: FeedbackLinear, nn.Conv2d: FeedbackConv2d}
+
+
+def glorot_like(weight: Tensor) -> Tensor:
+    """A fresh Glorot-uniform tensor of W's shape, drawn independently of W."""
+    return nn.init.xavier_uniform_(torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
+def glorot_std(weight: Tensor) -> float:
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+    return (2.0 / (fan_in + fan_out)) ** 0.5

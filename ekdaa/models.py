@@ -1,0 +1,89 @@
+"""Model registry: plain ``nn.Sequential`` networks any rule can convert.
+
+``build_model(name, input_shape, num_classes, activation=...)``; add a model with
+``@register_model("name")`` on a function taking those arguments.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import nn
+
+from .layers import Sign
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "leaky-relu": nn.LeakyReLU,
+    "sigmoid": nn.Sigmoid,
+    "hardtanh": nn.Hardtanh,
+    "sign": Sign,
+    "identity": nn.Identity,
+}
+
+MODELS: dict[str, Callable[..., nn.Sequential]] = {}
+
+
+def register_model(name: str):
+    def add(fn: Callable[..., nn.Sequential]) -> Callable[..., nn.Sequential]:
+        MODELS[name] = fn
+        return fn
+    return add
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def _cnn(plan: Sequence[int | str], hidden: Sequence[int], input_shape: Sequence[int],
+         num_classes: int, activation: str, bias: bool) -> nn.Sequential:
+    """Conv3x3 (padding 1) + activation for each int in ``plan``, 2x2 max-pool for
+    each 'M', then fully connected ``hidden`` layers with activations and the output."""
+    channels, height, width = input_shape
+    layers: list[nn.Module] = []
+    for item in plan:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+            height, width = height // 2, width // 2
+        else:
+            layers += [nn.Conv2d(channels, int(item), 3, padding=1, bias=bias), _activation(activation)]
+            channels = int(item)
+    if height < 1 or width < 1:
+        raise ValueError(f"input {tuple(input_shape)} is too small for this model's pooling")
+    layers.append(nn.Flatten())
+    features = channels * height * width
+    for width_ in hidden:
+        layers += [nn.Linear(features, width_, bias=bias), _activation(activation)]
+        features = width_
+    layers.append(nn.Linear(features, num_classes, bias=bias))
+    return nn.Sequential(*layers)
+
+
+@register_model("paper-cnn")
+def paper_cnn(input_shape: Sequence[int], num_classes: int, activation: str = "tanh",
+              bias: bool = False) -> nn.Sequential:
+    """The authors' CIFAR-10 network: conv 64, 64, pool, 64, 128, pool, 128, 128, pool, FC 128, FC out."""
+    return _cnn([64, 64, "M", 64, 128, "M", 128, 128, "M"], [128], input_shape, num_classes,
+                activation, bias)
+
+
+@register_model("small-cnn")
+def small_cnn(input_shape: Sequence[int], num_classes: int, activation: str = "tanh",
+              bias: bool = False) -> nn.Sequential:
+    """The authors' README example: conv 64, conv 64, pool, FC 128, FC out."""
+    return _cnn([64, 64, "M"], [128], input_shape, num_classes, activation, bias)
+
+
+@register_model("mlp")
+def mlp(input_shape: Sequence[int], num_classes: int, activation: str = "tanh", bias: bool = False,
+        widths: Sequence[int] = (256, 256)) -> nn.Sequential:
+    """Fully connected: Flatten, then Linear + activation per width, then the output."""
+    return _cnn([], widths, input_shape, num_classes, activation, bias)
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Sequential:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[name](input_shape, num_classes, **kwargs)

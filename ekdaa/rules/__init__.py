@@ -1,0 +1,82 @@
+"""The learning-rule registry: ``RULES[name]`` is a :class:`~ekdaa.rules.base.Rule`
+subclass. Adding a rule = one new file in this package + one line below."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from torch import Tensor, nn
+
+from .base import ConversionError, Rule
+from .bp import BP
+from .dfa import DirectFeedbackAlignment
+from .ekdaa import EKDAA
+from .fa import FeedbackAlignment
+from .kolen_pollack import KolenPollack
+from .sign_symmetry import SignSymmetry
+
+RULES: dict[str, type[Rule]] = {
+    "bp": BP,
+    "fa": FeedbackAlignment,
+    "dfa": DirectFeedbackAlignment,
+    "sign-symmetry": SignSymmetry,
+    "kolen-pollack": KolenPollack,
+    "ekdaa": EKDAA,
+}
+
+
+def make_rule(rule: str, **options: Any) -> Rule:
+    """Instantiate a registered rule, with a clear error for unknown names/options."""
+    if rule not in RULES:
+        raise ConversionError(f"unknown rule {rule!r}: choose one of {', '.join(RULES)}")
+    try:
+        return RULES[rule](**options)
+    except TypeError as err:
+        import inspect
+        valid = [p for p in inspect.signature(RULES[rule]).parameters]
+        raise ConversionError(f"rule {rule!r} does not take options {sorted(options)}: "
+                              f"its options are {valid or 'none'}") from err
+
+
+def convert(model: nn.Module, rule: str = "ekdaa", example_input: Tensor | None = None,
+            **options: Any) -> nn.Module:
+    """Convert ``model`` *in place* so that ``loss.backward()`` fills every ``.grad``
+    with ``rule``'s update; the forward output is unchanged. Returns the model.
+
+    ``options`` are the rule's (e.g. ``beta``, ``gamma`` for ``ekdaa``); ``example_input``
+    is one input batch, needed by ``dfa``. Feedback tensors are drawn from torch's
+    global RNG: seed it for reproducible conversions. Build the optimizer with
+    :func:`param_groups` so learned feedback gets its learning rate.
+    """
+    return make_rule(rule, **options).convert(model, example_input)
+
+
+def param_groups(model: nn.Module, lr: float, **group_options: Any) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for a converted model.
+
+    Learned feedback tensors (EKDAA's error kernels, Kolen-Pollack's B) get the
+    learning rate ``lr * rule.feedback_lr_scale`` (gamma for EKDAA, 1 for KP); every
+    other parameter gets ``lr``. ``group_options`` (e.g. ``weight_decay``) apply to
+    all groups. Use as ``torch.optim.SGD(ekdaa.param_groups(model, lr=0.01), lr=0.01)``.
+    """
+    rule = getattr(model, "ekdaa_rule", None)
+    feedback = _learned_feedback(model, rule)
+    ids = {id(p) for p in feedback}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [dict(params=rest, lr=lr, **group_options)]
+    if feedback:
+        groups.append(dict(params=feedback, lr=lr * rule.feedback_lr_scale, **group_options))
+    return groups
+
+
+def _learned_feedback(model: nn.Module, rule: Rule | None) -> list[nn.Parameter]:
+    if rule is None:
+        return []
+    seen: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        p = getattr(module, rule.feedback_name, None) if getattr(module, "rule", None) is rule else None
+        if isinstance(p, nn.Parameter):
+            seen[id(p)] = p
+    return list(seen.values())
+
+
+__all__ = ["RULES", "Rule", "ConversionError", "convert", "make_rule", "param_groups"]

@@ -1,0 +1,125 @@
+"""What every learning rule shares: walking a model, refusing what it cannot train,
+and attaching feedback tensors to weight layers.
+
+A rule subclasses :class:`Rule` and overrides only the hooks it needs:
+
+* ``convert_weight(path, layer)``: usually ``self.attach_feedback(layer, ...)``;
+* ``convert_activation(path, module)`` / ``convert_pool(path, module)``: return a
+  replacement module (default: the module itself, i.e. plain autograd);
+* ``feedback(layer)``: the tensor the error is sent down through (default: the
+  tensor attached under ``feedback_name``);
+* ``layer_output(layer, h)``: a last look at a converted layer's output (DFA's hub).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import ACTIVATIONS, FEEDBACK_CLASSES, PASSTHROUGH, Sign
+
+
+class ConversionError(ValueError):
+    """A model (or option) a rule cannot handle; the message names the module path."""
+
+
+def check_choice(option: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConversionError(f"invalid {option} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+class Rule:
+    """A learning rule: a choice of backward pass for an ordinary model."""
+
+    name: ClassVar[str]
+    #: state_dict name of the tensor the error travels down through
+    feedback_name: ClassVar[str] = "feedback"
+    #: True if the rule evaluates f'(h) at activations (then Sign cannot train)
+    uses_derivative: ClassVar[bool] = True
+    #: True if the rule can train any module through plain autograd (bp)
+    accepts_any_module: ClassVar[bool] = False
+    #: learning-rate multiplier of learned feedback tensors (see ekdaa.param_groups)
+    feedback_lr_scale: float = 1.0
+
+    def options(self) -> dict[str, Any]:
+        """The rule's options, as passed to ``ekdaa.convert``."""
+        return {}
+
+    # -- hooks ---------------------------------------------------------------
+    def prepare(self, model: nn.Module, example_input: Tensor | None) -> None:
+        """Called once before conversion (DFA uses it to trace the model)."""
+
+    def convert_weight(self, path: str, layer: nn.Module) -> None:
+        pass
+
+    def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
+        return module
+
+    def convert_pool(self, path: str, module: nn.Module) -> nn.Module:
+        return module
+
+    def feedback(self, layer: nn.Module) -> Tensor | None:
+        return getattr(layer, self.feedback_name)
+
+    def layer_output(self, layer: nn.Module, h: Tensor) -> Tensor:
+        return h
+
+    # -- machinery -----------------------------------------------------------
+    def attach_feedback(self, layer: nn.Module, tensor: Tensor | None, learned: bool | None) -> None:
+        """Turn ``layer`` into its Feedback* class in place and register ``tensor``:
+        as a buffer if ``learned is None`` (fixed), else as a Parameter whose
+        requires_grad is ``learned``."""
+        layer.__class__ = FEEDBACK_CLASSES[type(layer)]
+        layer.rule = self
+        if tensor is None:
+            return
+        if learned is None:
+            layer.register_buffer(self.feedback_name, tensor)
+        else:
+            layer.register_parameter(self.feedback_name, nn.Parameter(tensor, requires_grad=learned))
+
+    def convert(self, model: nn.Module, example_input: Tensor | None = None) -> nn.Module:
+        if getattr(model, "ekdaa_rule", None) is not None:
+            raise ConversionError(
+                f"model is already converted to rule {model.ekdaa_rule.name!r}; "
+                "convert a fresh copy of the original model instead")
+        self.prepare(model, example_input)
+        model = self._convert(model, "")
+        model.ekdaa_rule = self
+        return model
+
+    def _convert(self, module: nn.Module, path: str) -> nn.Module:
+        where = path or "<root>"
+        kind = type(module)
+        if kind in FEEDBACK_CLASSES:
+            if kind is nn.Conv2d and (module.groups != 1 or module.padding_mode != "zeros"):
+                raise ConversionError(f"rule {self.name!r}: Conv2d at '{where}' needs groups=1 and "
+                                      "padding_mode='zeros'")
+            self.convert_weight(path, module)
+            return module
+        if kind in ACTIVATIONS:
+            if kind is Sign and self.uses_derivative:
+                raise ConversionError(
+                    f"rule {self.name!r} uses the activation derivative, and Sign at '{where}' has "
+                    "derivative 0 almost everywhere: nothing below it would learn; use rule 'ekdaa'")
+            return self.convert_activation(path, module)
+        if kind in PASSTHROUGH:
+            return self.convert_pool(path, module)
+        children = list(module.named_children())
+        own = [n for n, p in module.named_parameters(recurse=False)]
+        if not self.accepts_any_module:
+            if own:
+                raise ConversionError(
+                    f"rule {self.name!r} cannot train module '{where}' ({kind.__name__}): it holds "
+                    f"parameters {own} itself; build the model from nn.Conv2d/nn.Linear layers")
+            if not children and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+                raise ConversionError(
+                    f"rule {self.name!r} cannot handle module '{where}' ({kind.__name__}); supported: "
+                    f"Conv2d, Linear, {', '.join(t.__name__ for t in ACTIVATIONS + PASSTHROUGH)} "
+                    "and containers of them")
+        for name, child in children:
+            new = self._convert(child, f"{path}.{name}" if path else name)
+            if new is not child:
+                setattr(module, name, new)
+        return module

@@ -1,0 +1,154 @@
+"""EKDAA: error-kernel driven activation alignment (Zee, Ororbia, Mali & Nwogu,
+"A Robust Backpropagation-Free Framework for Images", TMLR 2023).
+
+Forward as usual: h_l = W_l * z_{l-1} + b_l, z_l = f_l(h_l), logits h_L. Backward,
+W is never used to send error down. Per sample:
+
+    e_L  = softmax(h_L) - onehot(y)                       output error
+    d    = E_l^T e_l   (conv: transposed conv with E_l)    error sent down, through
+                                                           pools to the unit that fed it
+    h~   = h - beta * d,   y~ = f(h~)                      target (only f, never f')
+    e    = z - y~                                          error map
+    dW_l = <e_l (x) z_{l-1}>,  db_l = <sum e_l>            local updates (batch mean <.>)
+    dE_l = gamma * dW_l                                    error-kernel update
+
+Implementation: a weight layer keeps its forward and sends its error map down
+through its *error kernel* E (``error_kernel``, a Parameter of W's shape whose
+``.grad`` is dW). Each activation module becomes an :class:`ErrorMap` whose
+backward turns the arriving d into the error map e. gamma is E's learning rate
+relative to W's: ``ekdaa.param_groups`` puts E in a group with ``lr = gamma * lr``,
+which under SGD is exactly dE = gamma * dW at W's learning rate and, unlike scaling
+E's gradient, stays meaningful under Adam. With gamma = 0, E is frozen.
+
+``loss_reduction='mean'``: autograd hands the backward (softmax - onehot) / N from
+a batch-mean cross-entropy; the error map rescales by N so beta acts on per-sample
+errors and the result does not depend on batch size.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers import activation_function, glorot_like
+from .base import Rule, check_choice
+
+
+class _ErrorMapFn(torch.autograd.Function):
+    """z = f(h) forward; backward maps the arriving d to e = z - f(h - beta * d)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, f: Callable[[Tensor], Tensor], beta: float, error_norm: str,
+                per_sample: bool) -> Tensor:
+        z = f(h)
+        ctx.f, ctx.beta, ctx.error_norm, ctx.per_sample = f, beta, error_norm, per_sample
+        ctx.save_for_backward(h, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, z = ctx.saved_tensors
+        n = h.shape[0] if ctx.per_sample else 1  # grad = d / n under a batch-mean loss
+        step = ctx.beta * n
+        if ctx.error_norm == "max":  # d / max(1, max|d|), per sample
+            peak = grad.abs().amax(dim=tuple(range(1, grad.dim())), keepdim=True) * n
+            grad = grad / peak.clamp_min(1.0)
+        target = ctx.f(torch.add(h, grad, alpha=-step))
+        return (z - target).div_(n), None, None, None, None
+
+
+class ErrorMap(nn.Module):
+    """An activation whose backward is EKDAA's error map (forward unchanged)."""
+
+    def __init__(self, activation: nn.Module, rule: "EKDAA"):
+        super().__init__()
+        self.activation = activation
+        self.rule = rule
+
+    def forward(self, h: Tensor) -> Tensor:
+        f = activation_function(self.activation)
+        if not torch.is_grad_enabled():
+            return f(h)
+        r = self.rule
+        return _ErrorMapFn.apply(h, f, r.beta, r.error_norm, r.loss_reduction == "mean")
+
+
+class _BilinearRouteFn(torch.autograd.Function):
+    """Max-pool forward; backward spreads d over the pool's input by bilinear upsampling."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pool: nn.MaxPool2d) -> Tensor:
+        ctx.size = x.shape[-2:]
+        return pool(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return F.interpolate(grad, size=ctx.size, mode="bilinear", align_corners=False), None
+
+
+class BilinearRoutedPool(nn.Module):
+    """``nn.MaxPool2d`` whose backward routes d by bilinear upsampling (authors' code)."""
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _BilinearRouteFn.apply(x, self.pool) if torch.is_grad_enabled() else self.pool(x)
+
+
+class EKDAA(Rule):
+    """Error-kernel driven activation alignment.
+
+    Args:
+        beta: step from the pre-activation towards the target, h~ = h - beta * d.
+        gamma: error-kernel learning rate relative to W's (dE = gamma * dW).
+        error_kernel_init: ``random`` (Glorot, independent of W: no weight transport
+            ever) or ``transpose`` (E starts as a copy of W, as the authors' code does).
+        pool_routing: through max-pools, ``max`` sends d to the unit that won the max;
+            ``bilinear`` upsamples d bilinearly to the pool's input (authors' code).
+        error_norm: ``none``, or ``max``: divide each sample's d by its largest
+            magnitude when that exceeds 1, at every activation (authors' code does
+            this for conv layers).
+        loss_reduction: ``mean`` if the loss averages over the batch (the default of
+            ``F.cross_entropy``), ``sum`` if it sums.
+    """
+
+    name = "ekdaa"
+    feedback_name = "error_kernel"
+    uses_derivative = False
+
+    def __init__(self, beta: float = 0.9, gamma: float = 1.0, error_kernel_init: str = "random",
+                 pool_routing: str = "max", error_norm: str = "none", loss_reduction: str = "mean"):
+        check_choice("error_kernel_init", error_kernel_init, ("random", "transpose"))
+        check_choice("pool_routing", pool_routing, ("max", "bilinear"))
+        check_choice("error_norm", error_norm, ("none", "max"))
+        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        if not gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.beta, self.gamma = float(beta), float(gamma)
+        self.error_kernel_init, self.pool_routing = error_kernel_init, pool_routing
+        self.error_norm, self.loss_reduction = error_norm, loss_reduction
+        self.feedback_lr_scale = self.gamma
+
+    def options(self) -> dict[str, Any]:
+        return dict(beta=self.beta, gamma=self.gamma, error_kernel_init=self.error_kernel_init,
+                    pool_routing=self.pool_routing, error_norm=self.error_norm,
+                    loss_reduction=self.loss_reduction)
+
+    def convert_weight(self, path: str, layer: nn.Module) -> None:
+        w = layer.weight.detach()
+        kernel = w.clone() if self.error_kernel_init == "transpose" else glorot_like(w)
+        self.attach_feedback(layer, kernel, learned=self.gamma > 0)
+
+    def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
+        return ErrorMap(module, self)
+
+    def convert_pool(self, path: str, module: nn.Module) -> nn.Module:
+        if self.pool_routing == "bilinear" and type(module) is nn.MaxPool2d:
+            return BilinearRoutedPool(module)
+        return module

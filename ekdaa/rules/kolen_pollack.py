@@ -1,0 +1,26 @@
+"""Kolen-Pollack learning (Kolen & Pollack, 1994; Akrout et al., 2019).
+
+The error travels down through a learned matrix B_l that receives the same update
+as W_l, and the same weight decay:
+
+    e_l = f'(h_l) * (B_{l+1}^T e_{l+1}),   dW_l = dB_l = e_l (x) z_{l-1}
+
+so W_l - B_l shrinks by the factor (1 - lr * weight_decay) every step and B_l
+converges to W_l without W ever being sent backwards. B_l (``feedback``) is a
+Parameter whose ``.grad`` is dW_l; ``ekdaa.param_groups`` keeps it in W's group.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..layers import glorot_like
+from .base import Rule
+
+
+class KolenPollack(Rule):
+    """Kolen-Pollack: feedback B learned with W's update and weight decay."""
+
+    name = "kolen-pollack"
+
+    def convert_weight(self, path: str, layer: nn.Module) -> None:
+        self.attach_feedback(layer, glorot_like(layer.weight.detach()), learned=True)

@@ -1,0 +1,29 @@
+"""Sign symmetry (Liao, Leibo & Poggio, 2016; Xiao et al., 2018).
+
+The error travels down through the sign of the forward weights, scaled by the
+Glorot standard deviation s_l of the layer (a constant fixed by its shape):
+
+    B_l = s_l * sign(W_l),   e_l = f'(h_l) * (B_{l+1}^T e_{l+1}),   dW_l = e_l (x) z_{l-1}
+
+Only the signs of W travel backwards, never their magnitudes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import glorot_std
+from .base import Rule
+
+
+class SignSymmetry(Rule):
+    """Sign symmetry: feedback s * sign(W), recomputed every step."""
+
+    name = "sign-symmetry"
+
+    def convert_weight(self, path: str, layer: nn.Module) -> None:
+        self.attach_feedback(layer, None, learned=None)
+        layer.feedback_scale = glorot_std(layer.weight)
+
+    def feedback(self, layer: nn.Module) -> Tensor:
+        return torch.sign(layer.weight.detach()) * layer.feedback_scale

@@ -1,0 +1,337 @@
+"""Every rule's .grad against the independent reference in tests/reference.py,
+plus the properties the rules must have."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ekdaa
+from ekdaa.rules import ConversionError
+from ekdaa.rules.dfa import DirectFeedback
+from reference import reference_grads
+
+torch.set_default_dtype(torch.float64)
+
+
+def make_net(pool: str = "max", padding: int = 1, act=nn.Tanh, bias: bool = True) -> nn.Sequential:
+    pool_layer = nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2)
+    conv2_out = {0: 2, 1: 3}[padding]  # 5x5 -> stride-2 conv with kernel 3
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, bias=bias), act(), pool_layer,
+        nn.Conv2d(3, 4, 3, stride=2, padding=padding, bias=bias), act(),
+        nn.Flatten(), nn.Linear(4 * conv2_out * conv2_out, 6, bias=bias), act(),
+        nn.Linear(6, 5, bias=bias))
+
+
+def batch(n: int = 7, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 10, 10, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def randomise(net: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def transmit_tensors(model: nn.Module, rule: str) -> dict[int, torch.Tensor]:
+    out = {}
+    for i, layer in enumerate(model):
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            if rule in ("bp", "dfa"):
+                out[i] = layer.weight.detach()
+            elif rule == "sign-symmetry":
+                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
+                out[i] = torch.sign(layer.weight.detach()) * (2.0 / (fan_in + fan_out)) ** 0.5
+            else:
+                out[i] = getattr(layer, "error_kernel" if rule == "ekdaa" else "feedback").detach()
+    return out
+
+
+def grads_of(model: nn.Module, x, y, loss_sum: bool = False) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y, reduction="sum" if loss_sum else "mean").backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close_rel(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-10, name: str = "") -> None:
+    err = (got - want).norm() / want.norm().clamp_min(1e-300)
+    assert err < tol, f"{name}: relative error {err:.3e}"
+
+
+CASES = [(rule, pool, pad) for rule in ekdaa.RULES for pool in ("max", "avg") for pad in (0, 1)]
+
+
+@pytest.mark.parametrize("rule,pool,padding", CASES)
+def test_grads_match_reference(rule, pool, padding):
+    torch.manual_seed(3)
+    net = make_net(pool, padding)
+    randomise(net)
+    x, y = batch()
+    model = ekdaa.convert(copy.deepcopy(net), rule, example_input=x)
+    got = grads_of(model, x, y)
+    direct = {i: m.feedback for i, m in enumerate(model) if isinstance(m, DirectFeedback)}
+    want = reference_grads(list(net), rule, x, y, transmit=transmit_tensors(model, rule), direct=direct)
+    for name, g in want.items():
+        assert_close_rel(got[name], g, name=f"{rule} {name}")
+    learned = [n for n in got if n.endswith(("error_kernel", "feedback"))]
+    assert bool(learned) == (rule in ("ekdaa", "kolen-pollack"))
+    for name in learned:  # dE = dW (gamma enters through the learning rate)
+        assert_close_rel(got[name], want[name.rsplit(".", 1)[0] + ".weight"], name=name)
+
+
+@pytest.mark.parametrize("options", [
+    dict(pool_routing="bilinear"), dict(error_norm="max"), dict(beta=3.0), dict(error_kernel_init="transpose"),
+    dict(pool_routing="bilinear", error_norm="max", beta=0.2)])
+@pytest.mark.parametrize("act", [nn.Tanh, ekdaa.Sign, nn.ReLU])
+def test_ekdaa_options_match_reference(options, act):
+    torch.manual_seed(4)
+    net = make_net("max", 1, act=act)
+    randomise(net)
+    x, y = batch(seed=5)
+    x = x * 3  # large errors so that error_norm='max' really divides
+    model = ekdaa.convert(copy.deepcopy(net), "ekdaa", **options)
+    got = grads_of(model, x, y)
+    ref_opts = {k: v for k, v in options.items() if k in ("beta", "pool_routing", "error_norm")}
+    want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_tensors(model, "ekdaa"), **ref_opts)
+    for name, g in want.items():
+        if g.norm() > 0:
+            assert_close_rel(got[name], g, name=name)
+        else:
+            assert got[name].norm() == 0
+    if options.get("error_kernel_init") == "transpose":
+        assert torch.equal(model[0].error_kernel, net[0].weight)
+
+
+def test_forward_output_unchanged_and_bias_free_layers():
+    for rule in ekdaa.RULES:
+        net = make_net(bias=False)
+        x, _ = batch()
+        want = net(x)
+        assert torch.equal(ekdaa.convert(net, rule, example_input=x)(x), want), rule
+
+
+def test_fa_with_feedback_equal_to_w_is_bp():
+    net = make_net()
+    randomise(net)
+    x, y = batch()
+    fa = ekdaa.convert(copy.deepcopy(net), "fa")
+    with torch.no_grad():
+        for m in fa.modules():
+            if hasattr(m, "feedback") and isinstance(m.feedback, torch.Tensor):
+                m.feedback.copy_(m.weight)
+    got, want = grads_of(fa, x, y), grads_of(net, x, y)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-13, atol=1e-15)
+
+
+def test_kolen_pollack_feedback_converges_to_w_under_weight_decay():
+    torch.manual_seed(0)
+    model = ekdaa.convert(make_net(), "kolen-pollack")
+    lr, wd, steps = 0.1, 0.5, 200
+    opt = torch.optim.SGD(ekdaa.param_groups(model, lr=lr, weight_decay=wd), lr=lr)
+    gap0 = [(m.weight - m.feedback).norm().item() for m in model if hasattr(m, "feedback")]
+    x, y = batch()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    gap = [(m.weight - m.feedback).norm().item() for m in model if hasattr(m, "feedback")]
+    for g0, g in zip(gap0, gap):
+        assert g == pytest.approx(g0 * (1 - lr * wd) ** steps, rel=1e-8)
+        assert g < 1e-3 * g0
+
+
+def test_gamma_zero_leaves_error_kernel_unchanged():
+    model = ekdaa.convert(make_net(), "ekdaa", gamma=0.0)
+    kernels = [m.error_kernel.clone() for m in model if hasattr(m, "error_kernel")]
+    weights = [m.weight.clone() for m in model if hasattr(m, "error_kernel")]
+    for opt in (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2),
+                torch.optim.Adam(ekdaa.param_groups(model, lr=0.1))):
+        x, y = batch()
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    after = [m for m in model if hasattr(m, "error_kernel")]
+    assert all(torch.equal(k, m.error_kernel) for k, m in zip(kernels, after))
+    assert not all(torch.equal(w, m.weight) for w, m in zip(weights, after))
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_gamma_scales_error_kernel_step_under_every_optimizer(optim):
+    steps = {}
+    for gamma in (1.0, 0.1):
+        torch.manual_seed(0)
+        model = ekdaa.convert(make_net(), "ekdaa", gamma=gamma)
+        groups = ekdaa.param_groups(model, lr=0.01)
+        opt = torch.optim.SGD(groups, lr=0.01) if optim == "sgd" else torch.optim.Adam(groups, lr=0.01)
+        before = model[0].error_kernel.detach().clone()
+        x, y = batch()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        steps[gamma] = (model[0].error_kernel.detach() - before).norm().item()
+    assert steps[0.1] / steps[1.0] == pytest.approx(0.1, rel=1e-6)
+
+
+def test_ekdaa_small_beta_tends_to_bp():
+    torch.manual_seed(0)
+    net = make_net("max", 1)
+    randomise(net, seed=2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(0.5)
+    x, y = batch()
+    want = grads_of(net, x, y)
+    depth = {"8": 0, "6": 1, "3": 2, "0": 3}  # activations between the layer and the output
+    for beta, bound in ((1e-1, None), (1e-3, 0.999)):
+        model = ekdaa.convert(copy.deepcopy(net), "ekdaa", beta=beta, error_kernel_init="transpose")
+        got = grads_of(model, x, y)
+        cos = {n: F.cosine_similarity(got[n].flatten() / beta ** depth[n.split(".")[0]],
+                                      want[n].flatten(), dim=0).item() for n in want}
+        if bound is not None:
+            assert min(cos.values()) > bound, cos
+        else:
+            coarse = cos
+    assert min(cos.values()) >= min(coarse.values())
+
+
+@pytest.mark.parametrize("rule", ["ekdaa", "fa", "kolen-pollack", "sign-symmetry", "dfa"])
+def test_zero_feedback_stops_hidden_learning(rule):
+    net = make_net()
+    x, y = batch()
+    model = ekdaa.convert(net, rule, example_input=x)
+    with torch.no_grad():
+        for m in model.modules():
+            for name in ("error_kernel", "feedback"):
+                if isinstance(getattr(m, name, None), torch.Tensor):
+                    getattr(m, name).zero_()
+            if hasattr(m, "feedback_scale"):
+                m.feedback_scale = 0.0
+    got = grads_of(model, x, y)
+    for name, g in got.items():
+        if name.startswith("8."):
+            assert g.norm() > 0, name
+        else:
+            assert g.norm() == 0, name
+
+
+def test_ekdaa_updates_do_not_depend_on_batch_size():
+    net = make_net()
+    x, y = batch(6)
+    model = ekdaa.convert(net, "ekdaa", beta=2.0, error_norm="max")
+    one = grads_of(model, x, y)
+    two = grads_of(model, torch.cat([x, x]), torch.cat([y, y]))
+    for n in one:
+        assert_close_rel(two[n], one[n], name=n)
+    sum_model = ekdaa.convert(make_net(), "ekdaa", beta=2.0, error_norm="max", loss_reduction="sum")
+    sum_model.load_state_dict(model.state_dict())
+    for n, g in grads_of(sum_model, x, y, loss_sum=True).items():
+        assert_close_rel(g / x.shape[0], one[n], name=n)
+
+
+def test_sign_cnn_trains_with_ekdaa():
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float32)
+    try:
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), ekdaa.Sign(), nn.MaxPool2d(2),
+                              nn.Conv2d(8, 8, 3, padding=1), ekdaa.Sign(), nn.Flatten(),
+                              nn.Linear(8 * 4 * 4, 4))
+        w0 = model[0].weight.detach().clone()
+        model = ekdaa.convert(model, "ekdaa", beta=2.0)
+        x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,))
+        opt = torch.optim.SGD(ekdaa.param_groups(model, lr=0.01), lr=0.01, momentum=0.9)
+        losses = []
+        for _ in range(40):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
+        assert (model[0].weight - w0).norm() > 0.1  # the first layer, below two signs, learns too
+    finally:
+        torch.set_default_dtype(torch.float64)
+
+
+def test_state_dict_round_trip_keeps_feedback():
+    x, _ = batch()
+    for rule in ("ekdaa", "fa", "kolen-pollack", "dfa"):
+        torch.manual_seed(0)
+        a = ekdaa.convert(make_net(), rule, example_input=x)
+        torch.manual_seed(1)
+        b = ekdaa.convert(make_net(), rule, example_input=x)
+        state = a.state_dict()
+        assert any(k.endswith(("error_kernel", "feedback")) for k in state), rule
+        b.load_state_dict(state)
+        for k, v in b.state_dict().items():
+            assert torch.equal(v, state[k]), (rule, k)
+
+
+def test_grads_do_not_alias():
+    model = ekdaa.convert(make_net(), "ekdaa")
+    x, y = batch()
+    grads_of(model, x, y)
+    for m in model:
+        if hasattr(m, "error_kernel"):
+            assert m.weight.grad.data_ptr() != m.error_kernel.grad.data_ptr()
+
+
+def test_param_groups():
+    model = ekdaa.convert(make_net(), "ekdaa", gamma=0.25)
+    groups = ekdaa.param_groups(model, lr=0.2, weight_decay=1e-4)
+    assert [g["lr"] for g in groups] == [0.2, 0.05]
+    assert all(g["weight_decay"] == 1e-4 for g in groups)
+    n_kernels = sum(1 for m in model if hasattr(m, "error_kernel"))
+    assert len(groups[1]["params"]) == n_kernels
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    plain = ekdaa.param_groups(make_net(), lr=0.1)
+    assert len(plain) == 1
+
+
+def test_convert_refuses_what_it_cannot_train():
+    x, _ = batch()
+    with pytest.raises(ConversionError, match="already converted"):
+        ekdaa.convert(ekdaa.convert(make_net(), "ekdaa"), "ekdaa")
+    bn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Sequential(nn.BatchNorm2d(3)), nn.Tanh())
+    with pytest.raises(ConversionError, match=r"'1\.0'.*BatchNorm2d"):
+        ekdaa.convert(bn, "ekdaa")
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.inner = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    with pytest.raises(ConversionError, match=r"'body'.*Custom.*scale"):
+        ekdaa.convert(nn.ModuleDict({"body": Custom()}), "fa")
+    with pytest.raises(ConversionError, match="Sign.*'1'"):
+        ekdaa.convert(nn.Sequential(nn.Linear(2, 2), ekdaa.Sign()), "fa")
+    with pytest.raises(ConversionError, match="groups=1"):
+        ekdaa.convert(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "ekdaa")
+    with pytest.raises(ConversionError, match="unknown rule 'nope'.*ekdaa"):
+        ekdaa.convert(make_net(), "nope")
+    with pytest.raises(ConversionError, match="does not take options.*beta"):
+        ekdaa.convert(make_net(), "fa", beta=1.0)
+    with pytest.raises(ConversionError, match="pool_routing 'avg'.*max, bilinear"):
+        ekdaa.convert(make_net(), "ekdaa", pool_routing="avg")
+    with pytest.raises(ValueError, match="beta"):
+        ekdaa.convert(make_net(), "ekdaa", beta=0.0)
+    with pytest.raises(ConversionError, match="example_input"):
+        ekdaa.convert(make_net(), "dfa")
+    shared = nn.Tanh()
+    with pytest.raises(ConversionError, match="several depths"):
+        ekdaa.convert(nn.Sequential(nn.Linear(3, 3), shared, nn.Linear(3, 3), shared, nn.Linear(3, 2)),
+                      "dfa", example_input=torch.randn(2, 3))
+    # bp trains anything autograd can, BatchNorm included
+    ekdaa.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)), "bp")
