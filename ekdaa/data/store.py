@@ -1,0 +1,100 @@
+"""Finding dataset files on disk and downloading the missing ones."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pooch
+
+from .dataset import DataError
+
+T = TypeVar("T")
+
+CACHE_ENV = "EKDAA_DATA"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A dataset file: its folder and name in a data directory, official URL and md5."""
+
+    folder: str
+    name: str
+    url: str
+    md5: str
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message with its whitespace (newlines included) collapsed."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+@contextmanager
+def fix_hint(url: str) -> Iterator[None]:
+    """Append 'replace it from URL' to any DataError raised inside."""
+    try:
+        yield
+    except DataError as err:
+        raise DataError(f"{err}; replace it with the official file from {url}") from err
+
+
+def default_data_dir() -> Path:
+    """The cache: $EKDAA_DATA if set, else the user cache dir (e.g. ~/.cache/ekdaa)."""
+    return Path(os.environ.get(CACHE_ENV) or pooch.os_cache("ekdaa"))
+
+
+class DataStore:
+    """A data directory holding one folder per dataset; downloads missing files into it if allowed."""
+
+    def __init__(self, root: str | os.PathLike | None = None, download: bool = True) -> None:
+        self.root = Path(root) if root is not None else default_data_dir()
+        self.download = download
+
+    def path(self, folder: str, name: str) -> Path:
+        """Where a file of a dataset folder lives (it may not exist)."""
+        return self.root / folder / name
+
+    def fetch(self, remote: RemoteFile, alternative: Path | None = None) -> Path:
+        """Path to the file, downloading it first if missing and downloads are allowed."""
+        path = self.path(remote.folder, remote.name)
+        if path.is_file():
+            return path
+        if not self.download:
+            also = f" (nor the extracted folder {alternative})" if alternative else ""
+            raise DataError(
+                f"{path}: file not found{also}; download it from {remote.url} "
+                "and put it there, or allow downloads"
+            )
+        return self._download(remote, path)
+
+    def load(self, remote: RemoteFile, parse: Callable[[Path], T]) -> T:
+        """Fetch a file and parse it; a parse error also says where to get a good copy."""
+        path = self.fetch(remote)
+        with fix_hint(remote.url):
+            return parse(path)
+
+    @staticmethod
+    def _download(remote: RemoteFile, path: Path) -> Path:
+        try:
+            pooch.retrieve(
+                remote.url,
+                known_hash=f"md5:{remote.md5}",
+                fname=remote.name,
+                path=path.parent,
+                progressbar=True,
+            )
+        except ValueError as err:  # pooch's checksum mismatch (the bad download is deleted)
+            raise DataError(
+                f"{path}: the download from {remote.url} failed its checksum ({one_line(err)}); "
+                "retry, or put a verified copy there"
+            ) from err
+        except OSError as err:  # network (requests' errors are OSErrors) or file system
+            raise DataError(
+                f"cannot download {remote.url}: {one_line(err)}; put the file at {path} "
+                "or pass --data-dir pointing at a folder that holds it"
+            ) from err
+        return path

@@ -1,0 +1,485 @@
+"""Training: ``train(TrainConfig(...))`` runs a whole experiment and returns its summary.
+
+A run directory gets ``config.json`` (all that is needed to rerun), ``metrics.jsonl``
+(one object per epoch), ``summary.json`` and ``checkpoint.pt`` (model with its
+feedback tensors, optimizer, scheduler, RNG states), written atomically at every
+epoch end and on Ctrl-C. ``resume=True`` continues bit-for-bit from the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import Normalizer, augment, batches, load_dataset, split_validation
+from .models import build_model
+from .rules import convert, param_groups
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("none", "cosine", "step")
+AMP = ("none", "bf16")
+CHECKPOINT_FORMAT = "ekdaa-checkpoint-v1"
+
+
+class TrainError(Exception):
+    """A bad configuration or a broken file: one line saying what and how to fix it."""
+
+
+class Diverged(TrainError):
+    """NaN/inf loss or parameters; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (the defaults train the digits quickstart)."""
+
+    dataset: str = "digits"
+    model: str = "paper-cnn"
+    rule: str = "ekdaa"
+    activation: str = "tanh"
+    bias: bool = False
+    epochs: int = 10
+    batch_size: int = 50
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "none"
+    # EKDAA options (ignored by the other rules)
+    beta: float = 0.9
+    gamma: float = 1.0
+    error_kernel_init: str = "random"
+    pool_routing: str = "max"
+    error_norm: str = "none"
+    # data
+    data_dir: str | None = None
+    download: bool = True
+    val_split: int = 0
+    train_subset: int = 0
+    normalization: str = "half"
+    augment: bool = False
+    # machine
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    channels_last: bool = False
+    eval_batch_size: int = 1000
+    out: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def rule_options(self) -> dict[str, Any]:
+        if self.rule != "ekdaa":
+            return {}
+        return dict(beta=self.beta, gamma=self.gamma, error_kernel_init=self.error_kernel_init,
+                    pool_routing=self.pool_routing, error_norm=self.error_norm)
+
+    def validate(self) -> None:
+        for name, value, choices in (("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("lr_schedule", self.lr_schedule, SCHEDULES), ("amp", self.amp, AMP)):
+            if value not in choices:
+                raise TrainError(f"invalid {name} {value!r}: choose one of {', '.join(choices)}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise TrainError(f"lr must be > 0, got {self.lr}")
+        if self.val_split < 0 or self.train_subset < 0:
+            raise TrainError("val_split and train_subset must be >= 0")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TrainError(f"unknown config keys {unknown}: valid keys are {', '.join(sorted(names))}")
+        return cls(**values)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise TrainError(f"invalid device {name!r}: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("device 'cuda' requested but no CUDA GPU is available: use --device cpu or auto")
+    return device
+
+
+# -- checkpoints ---------------------------------------------------------------
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside ``path``, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load an ekdaa checkpoint safely (``weights_only=True``: no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"checkpoint {path} does not exist: pass the checkpoint.pt of a run directory")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainError(f"checkpoint {path} is unreadable (truncated or not an ekdaa checkpoint): "
+                         f"{reason[:200]}") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"checkpoint {path} is not an ekdaa checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+# -- the pieces of a run --------------------------------------------------------
+
+@dataclass
+class Data:
+    """The splits of a dataset on the training device (uint8) and their normaliser."""
+
+    train: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor] | None
+    test: tuple[Tensor, Tensor]
+    normalizer: Normalizer
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+
+def prepare_data(cfg: TrainConfig, device: torch.device) -> Data:
+    ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    train = (ds.train_x, ds.train_y)
+    val = None
+    if cfg.val_split:
+        train, val = split_validation(ds.train_x, ds.train_y, cfg.val_split, cfg.seed)
+    if cfg.train_subset:
+        train = (train[0][:cfg.train_subset], train[1][:cfg.train_subset])
+    normalizer = Normalizer(cfg.normalization, train[0]).to(device)
+    move = lambda pair: tuple(t.to(device) for t in pair)  # noqa: E731
+    return Data(move(train), move(val) if val else None, move((ds.test_x, ds.test_y)), normalizer,
+                ds.image_shape, ds.num_classes)
+
+
+def build(cfg: TrainConfig, data: Data, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """Model (converted to the rule), optimizer and LR scheduler, seeded by ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.image_shape, data.num_classes, activation=cfg.activation,
+                        bias=cfg.bias)
+    example = data.normalizer(data.train[0][: min(2, len(data.train[0]))]).cpu()
+    model = convert(model, cfg.rule, example_input=example, **cfg.rule_options()).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    extra = dict(weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(param_groups(model, cfg.lr, **extra), lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        opt = cls(param_groups(model, cfg.lr, **extra), lr=cfg.lr)
+    sched = None
+    if cfg.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    elif cfg.lr_schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.epochs // 3), gamma=0.1)
+    return model, opt, sched
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, normalizer: Normalizer, batch_size: int = 1000,
+             amp: str = "none", channels_last: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on uint8 images ``x``."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    for xb, yb in batches(x, y, batch_size, shuffle=False, generator=None):
+        inp = _inputs(normalizer, xb, channels_last)
+        with _autocast(x.device, amp):
+            logits = model(inp)
+        loss += F.cross_entropy(logits.float(), yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    model.train(was_training)
+    n = max(1, len(y))
+    return loss.item() / n, correct.item() / n
+
+
+def _inputs(normalizer: Normalizer, xb: Tensor, channels_last: bool) -> Tensor:
+    inp = normalizer(xb)
+    return inp.contiguous(memory_format=torch.channels_last) if channels_last else inp
+
+
+def _autocast(device: torch.device, amp: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state(), "generator": gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(gen: torch.Generator, state: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["generator"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def environment() -> dict[str, Any]:
+    return dict(ekdaa=__version__, torch=torch.__version__, python=platform.python_version(),
+                machine=platform.machine(), threads=torch.get_num_threads())
+
+
+# -- the loop ------------------------------------------------------------------
+
+class Run:
+    """One training run; ``fit()`` trains to ``cfg.epochs`` and returns the summary."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print,
+                 progress: bool | None = None):
+        cfg.validate()
+        self.cfg, self.log, self.progress = cfg, log, progress
+        self.device = resolve_device(cfg.device)
+        self.out = Path(cfg.out) if cfg.out else None
+        state = None
+        if resume:
+            if self.out is None or not (self.out / "checkpoint.pt").exists():
+                raise TrainError(f"--resume: no checkpoint.pt in {self.out}: start the run without --resume")
+            state = load_checkpoint(self.out / "checkpoint.pt", self.device)
+            saved = TrainConfig.from_dict(state["config"])
+            if cfg.epochs != saved.epochs and saved.lr_schedule != "none":
+                raise TrainError(f"--resume with --epochs {cfg.epochs} would change the run's "
+                                 f"{saved.lr_schedule} schedule over {saved.epochs} epochs: keep --epochs "
+                                 f"{saved.epochs} or start a new run")
+            saved.epochs, saved.device, saved.out = cfg.epochs, cfg.device, cfg.out
+            self.cfg = cfg = saved
+        self.data = prepare_data(cfg, self.device)
+        self.model, self.opt, self.sched = build(cfg, self.data, self.device)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.epoch, self.step, self.seconds = 0, 0, 0.0
+        self.running = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, seen
+        self.history: list[dict[str, Any]] = []
+        if state is not None:
+            self._restore(state)
+        elif self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(
+                dict(config=dataclasses.asdict(cfg), environment=environment()), indent=2) + "\n")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None and state["scheduler"] is not None:
+            self.sched.load_state_dict(state["scheduler"])
+        self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
+        self.running = state["running"].to(self.device)
+        _set_rng_state(self.aug_gen, state["rng"], self.device)
+        lines = (self.out / "metrics.jsonl").read_text().splitlines()
+        self.history = [r for r in map(json.loads, filter(str.strip, lines)) if r["epoch"] <= self.epoch]
+        self._write_metrics()
+
+    def checkpoint(self) -> None:
+        if self.out is None:
+            return
+        save_atomic(dict(
+            format=CHECKPOINT_FORMAT, config=dataclasses.asdict(self.cfg), model=self.model.state_dict(),
+            optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict() if self.sched else None,
+            epoch=self.epoch, step=self.step, seconds=self.seconds, running=self.running.cpu(),
+            rng=_rng_state(self.aug_gen, self.device),
+            normalizer=self.data.normalizer.state_dict(), image_shape=list(self.data.image_shape),
+            num_classes=self.data.num_classes), self.out / "checkpoint.pt")
+
+    def _check_finite(self, loss_sum: Tensor) -> None:
+        bad = not math.isfinite(loss_sum.item())
+        if not bad:
+            bad = not all(torch.isfinite(p).all() for p in self.model.parameters())
+        if bad:
+            where = f" (last good checkpoint: {self.out / 'checkpoint.pt'})" if self.out else ""
+            raise Diverged(f"training diverged at epoch {self.epoch + 1} step {self.step}: loss or "
+                           f"parameters are NaN/inf; lower --lr (now {self.cfg.lr}){where}")
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """This epoch's batches (order fixed by seed and epoch), from the step reached."""
+        order = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+        x, y = self.data.train
+        for i, batch in enumerate(batches(x, y, self.cfg.batch_size, shuffle=True, generator=order)):
+            if i >= self.step:
+                yield batch
+
+    def train_epoch(self) -> None:
+        self.model.train()
+        n_steps = math.ceil(len(self.data.train[1]) / self.cfg.batch_size)
+        bar = tqdm(total=n_steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                   leave=False, disable=not self.progress if self.progress is not None else None)
+        start = time.perf_counter()
+        try:
+            for xb, yb in self._batches():
+                self._step(xb, yb)
+                if self.step % 20 == 0 or self.step == n_steps:
+                    loss_sum, correct, seen = self.running.tolist()
+                    self._check_finite(self.running[0])
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+                bar.update(1)
+                if self.interrupted:  # Ctrl-C: stop at this step boundary, resumable exactly
+                    self.seconds += time.perf_counter() - start
+                    self.checkpoint()
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+        self.seconds += time.perf_counter() - start
+
+    def _step(self, xb: Tensor, yb: Tensor) -> None:
+        cfg = self.cfg
+        inp = _inputs(self.data.normalizer, xb, cfg.channels_last)
+        if cfg.augment:
+            inp = augment(inp, self.aug_gen, flip=cfg.dataset == "cifar10")
+        with _autocast(self.device, cfg.amp):
+            logits = self.model(inp)
+            loss = F.cross_entropy(logits.float(), yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.running += torch.stack([loss.detach().double() * len(yb), (logits.argmax(1) == yb).sum().double(),
+                                     torch.tensor(float(len(yb)), dtype=torch.float64, device=self.device)])
+        self.step += 1
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``cfg.epochs``. The first Ctrl-C stops at the next step boundary after
+        writing the checkpoint (then KeyboardInterrupt); a second one stops at once."""
+        cfg = self.cfg
+        with self._catch_ctrl_c():
+            while self.epoch < cfg.epochs:
+                self._epoch()
+        return self._summary()
+
+    @contextlib.contextmanager
+    def _catch_ctrl_c(self) -> Iterator[None]:
+        self.interrupted = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self.interrupted = True
+            signal.signal(signal.SIGINT, previous)
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _epoch(self) -> None:
+        """Train one epoch (or its rest), evaluate, log, checkpoint."""
+        t0 = self.seconds
+        self.train_epoch()
+        self._check_finite(self.running[0])
+        loss_sum, correct, seen = self.running.tolist()
+        record = dict(epoch=self.epoch + 1, train_loss=loss_sum / seen, train_accuracy=correct / seen,
+                      images_per_s=seen / max(self.seconds - t0, 1e-9), lr=self.opt.param_groups[0]["lr"])
+        record.update(self._evaluate())
+        if self.sched is not None:
+            self.sched.step()
+        self.epoch, self.step = self.epoch + 1, 0
+        self.running.zero_()
+        record["seconds"] = self.seconds
+        self.history.append(record)
+        self._write_metrics()
+        self.checkpoint()
+        self.log(_epoch_line(record, self.cfg.epochs))
+
+    def _evaluate(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for split, pair in (("val", self.data.val), ("test", self.data.test)):
+            if pair is None:
+                out[f"{split}_loss"] = out[f"{split}_accuracy"] = None
+                continue
+            loss, acc = evaluate(self.model, *pair, self.data.normalizer, self.cfg.eval_batch_size,
+                                 self.cfg.amp, self.cfg.channels_last)
+            out[f"{split}_loss"], out[f"{split}_accuracy"] = loss, acc
+        return out
+
+    def _write_metrics(self) -> None:
+        if self.out is not None:
+            text = "".join(json.dumps(r) + "\n" for r in self.history)
+            tmp = self.out / ".metrics.jsonl.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.out / "metrics.jsonl")
+
+    def _summary(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        cfg = self.cfg
+        summary = dict(rule=cfg.rule, dataset=cfg.dataset, model=cfg.model, activation=cfg.activation,
+                       epochs=self.epoch, seed=cfg.seed,
+                       train_accuracy=last.get("train_accuracy"), val_accuracy=last.get("val_accuracy"),
+                       test_accuracy=last.get("test_accuracy"), train_loss=last.get("train_loss"),
+                       test_loss=last.get("test_loss"), images_per_s=last.get("images_per_s"),
+                       seconds=self.seconds, device=str(self.device), rule_options=cfg.rule_options())
+        if self.out is not None:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def _epoch_line(r: dict[str, Any], epochs: int) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    return (f"epoch {r['epoch']}/{epochs}  train loss {fmt(r['train_loss'])} acc {fmt(r['train_accuracy'])}  "
+            f"val loss {fmt(r['val_loss'])} acc {fmt(r['val_accuracy'])}  "
+            f"test loss {fmt(r['test_loss'])} acc {fmt(r['test_accuracy'])}  "
+            f"{r['images_per_s']:.0f} img/s")
+
+
+def train(cfg: TrainConfig, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Train a run to ``cfg.epochs`` and return its summary (see :class:`Run`)."""
+    return Run(cfg, resume=resume, **kwargs).fit()
+
+
+def load_model(checkpoint: str | os.PathLike, device: str = "auto") -> tuple[nn.Module, TrainConfig, Normalizer]:
+    """The trained model (converted, in eval mode), its config and normaliser from a checkpoint."""
+    dev = resolve_device(device)
+    state = load_checkpoint(checkpoint, dev)
+    cfg = TrainConfig.from_dict(state["config"])
+    normalizer = Normalizer.from_state_dict(state["normalizer"]).to(dev)
+    image_shape, num_classes = tuple(state["image_shape"]), state["num_classes"]
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, image_shape, num_classes, activation=cfg.activation, bias=cfg.bias)
+    model = convert(model, cfg.rule, example_input=torch.zeros(2, *image_shape), **cfg.rule_options())
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise TrainError(f"checkpoint {checkpoint} does not fit model {cfg.model!r}: "
+                         f"{str(err).splitlines()[0]}") from err
+    return model.to(dev).eval(), cfg, normalizer
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
+                        device: str = "auto", split: str = "test") -> dict[str, Any]:
+    """Loss and accuracy of a checkpoint on a split of its (or another) dataset."""
+    model, cfg, normalizer = load_model(checkpoint, device)
+    dev = next(model.parameters()).device
+    cfg = dataclasses.replace(cfg, dataset=dataset or cfg.dataset, data_dir=data_dir or cfg.data_dir,
+                              train_subset=0)
+    data = prepare_data(cfg, dev)
+    pair = dict(train=data.train, val=data.val, test=data.test)[split]
+    if pair is None:
+        raise TrainError("split 'val' is empty: the run used val_split=0; use --split test")
+    loss, acc = evaluate(model, *pair, normalizer, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
+    return dict(checkpoint=str(checkpoint), dataset=cfg.dataset, split=split, rule=cfg.rule,
+                model=cfg.model, accuracy=acc, loss=loss, images=len(pair[1]))

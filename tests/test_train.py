@@ -1,0 +1,194 @@
+"""Training loop, checkpoints and the ekdaa command, on the bundled digits data."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+
+import pytest
+import torch
+
+from ekdaa.cli import main
+from ekdaa.train import Diverged, Run, TrainConfig, TrainError, load_checkpoint, train
+
+
+def tiny(tmp_path, name="run", **kw) -> TrainConfig:
+    base = dict(dataset="digits", model="mlp", rule="ekdaa", epochs=2, batch_size=32, lr=0.05,
+                train_subset=320, val_split=100, out=str(tmp_path / name), device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def params(path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def test_training_improves_and_writes_the_run_directory(tmp_path):
+    cfg = tiny(tmp_path, epochs=3)
+    summary = train(cfg, log=lambda s: None)
+    out = tmp_path / "run"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert summary["test_accuracy"] > 0.5  # chance is 0.1
+    for key in ("rule", "dataset", "model", "epochs", "seed", "train_accuracy", "val_accuracy",
+                "test_accuracy", "seconds"):
+        assert key in summary
+    assert all(0 <= summary[k] <= 1 for k in ("train_accuracy", "val_accuracy", "test_accuracy"))
+    assert json.loads((out / "summary.json").read_text()) == summary
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["rule"] == "ekdaa" and config["environment"]["torch"] == torch.__version__
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert any(k.endswith("error_kernel") for k in state["model"])
+    assert not list(out.glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_same_seed_same_result(tmp_path):
+    a = train(tiny(tmp_path, "a"), log=lambda s: None)
+    b = train(tiny(tmp_path, "b"), log=lambda s: None)
+    assert a["test_accuracy"] == b["test_accuracy"] and a["train_loss"] == b["train_loss"]
+    pa, pb = params(tmp_path / "a" / "checkpoint.pt"), params(tmp_path / "b" / "checkpoint.pt")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    c = train(tiny(tmp_path, "c", seed=1), log=lambda s: None)
+    assert c["train_loss"] != a["train_loss"]
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(augment=True, rule="kolen-pollack", model="small-cnn",
+                                                 train_subset=96)])
+def test_resume_is_bit_for_bit(tmp_path, extra):
+    train(tiny(tmp_path, "full", **extra), log=lambda s: None)
+    train(tiny(tmp_path, "split", epochs=1, **extra), log=lambda s: None)
+    train(tiny(tmp_path, "split", epochs=2, **extra), resume=True, log=lambda s: None)
+    full, split = params(tmp_path / "full" / "checkpoint.pt"), params(tmp_path / "split" / "checkpoint.pt")
+    assert all(torch.equal(full[k], split[k]) for k in full)
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(tmp_path):
+    train(tiny(tmp_path, "full", lr_schedule="cosine", augment=True), log=lambda s: None)
+    run = Run(tiny(tmp_path, "cut", lr_schedule="cosine", augment=True), log=lambda s: None)
+    calls = {"n": 0}
+    step = run._step
+
+    def ctrl_c_during(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 13:  # epoch 2, step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*a, **k)
+
+    run._step = ctrl_c_during
+    with pytest.raises(KeyboardInterrupt):
+        run.fit()
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) == (1, 3)
+    with pytest.raises(TrainError, match="would change the run's cosine schedule"):
+        Run(tiny(tmp_path, "cut", epochs=3), resume=True)
+    train(tiny(tmp_path, "cut"), resume=True, log=lambda s: None)
+    full, cut = params(tmp_path / "full" / "checkpoint.pt"), params(tmp_path / "cut" / "checkpoint.pt")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = tiny(tmp_path, epochs=1)
+    train(cfg, log=lambda s: None)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    run = Run(tiny(tmp_path, epochs=2), resume=True, log=lambda s: None)
+    with torch.no_grad():
+        next(run.model.parameters())[0, 0] = float("nan")
+    with pytest.raises(Diverged, match="diverged.*lower --lr"):
+        run.fit()
+    assert ckpt.read_bytes() == before
+
+
+def test_cli_divergence_exit_code(tmp_path, capsys):
+    code = main(["train", "--model", "mlp", "--rule", "bp", "--epochs", "1", "--lr", "1e30", "--activation", "relu",
+                 "--train-subset", "200", "--out", str(tmp_path / "d"), "--device", "cpu"])
+    assert code == 2
+    assert "diverged" in capsys.readouterr().err
+
+
+class _CallsPrint:
+    def __reduce__(self):
+        return print, ("code ran while loading a checkpoint",)
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
+    train(tiny(tmp_path, epochs=1), log=lambda s: None)
+    good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(TrainError, match="truncated.pt is unreadable"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(TrainError, match="not an ekdaa checkpoint"):
+        load_checkpoint(foreign)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(_CallsPrint()))  # would run print() if unpickled freely
+    with pytest.raises(TrainError, match="unreadable"):
+        load_checkpoint(evil)
+    assert "code ran" not in capsys.readouterr().out
+    with pytest.raises(TrainError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_cli_train_config_file_and_eval(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text('model = "mlp"\nrule = "fa"\nepochs = 5\ntrain-subset = 200\nlr = 0.05\n')
+    out = tmp_path / "cli"
+    assert main(["train", "--config", str(toml), "--epochs", "1", "--out", str(out), "--device", "cpu"]) == 0
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert (saved["rule"], saved["model"], saved["epochs"], saved["train_subset"]) == ("fa", "mlp", 1, 200)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--device", "cpu"]) == 0
+    result = json.loads((out / "eval-digits-test.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert result["accuracy"] == summary["test_accuracy"]
+    assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--rule", "nope"], "invalid choice: 'nope'"),
+    (["train", "--activation", "swish"], "choose from"),
+    (["train", "--epochs", "x"], "invalid int value"),
+])
+def test_cli_bad_values_list_valid_ones(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--epochs", "0"], "epochs must be >= 1"),
+    (["train", "--optimizer", "sgd", "--lr", "0"], "lr must be > 0"),
+    (["train", "--config", "/nonexistent.toml"], "does not exist"),
+    (["eval", "--checkpoint", "/nonexistent.pt"], "does not exist"),
+    (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent", "--no-download"], "cifar"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("learning_rate = 0.1\n")
+    assert main(["train", "--config", str(toml)]) == 1
+    assert "unknown config keys ['learning_rate']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"]])
+def test_help_is_complete(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    expected = {(): ["train", "eval", "bench"], ("train",): ["--beta", "--gamma", "--resume", "--config",
+                                                             "--data-dir", "--val-split", "--augment"],
+                ("eval",): ["--checkpoint", "--dataset"]}[tuple(command)]
+    assert all(word in text for word in expected)
