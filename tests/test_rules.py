@@ -14,7 +14,15 @@ from ekdaa.rules import ConversionError
 from ekdaa.rules.dfa import DirectFeedback
 from reference import reference_grads
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """These tests compare to 1e-10: run them in float64, and leave the default as found."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def make_net(pool: str = "max", padding: int = 1, act=nn.Tanh, bias: bool = True) -> nn.Sequential:
@@ -239,26 +247,23 @@ def test_ekdaa_updates_do_not_depend_on_batch_size():
 def test_sign_cnn_trains_with_ekdaa():
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float32)
-    try:
-        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), ekdaa.Sign(), nn.MaxPool2d(2),
-                              nn.Conv2d(8, 8, 3, padding=1), ekdaa.Sign(), nn.Flatten(),
-                              nn.Linear(8 * 4 * 4, 4))
-        w0 = model[0].weight.detach().clone()
-        model = ekdaa.convert(model, "ekdaa", beta=2.0)
-        x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,))
-        opt = torch.optim.SGD(ekdaa.param_groups(model, lr=0.01), lr=0.01, momentum=0.9)
-        losses = []
-        for _ in range(40):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert all(torch.isfinite(p).all() for p in model.parameters())
-        assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
-        assert (model[0].weight - w0).norm() > 0.1  # the first layer, below two signs, learns too
-    finally:
-        torch.set_default_dtype(torch.float64)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), ekdaa.Sign(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3, padding=1), ekdaa.Sign(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 4))
+    w0 = model[0].weight.detach().clone()
+    model = ekdaa.convert(model, "ekdaa", beta=2.0)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,))
+    opt = torch.optim.SGD(ekdaa.param_groups(model, lr=0.01), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
+    assert (model[0].weight - w0).norm() > 0.1  # the first layer, below two signs, learns too
 
 
 def test_state_dict_round_trip_keeps_feedback():
