@@ -82,6 +82,7 @@ class _FeedbackFn(torch.autograd.Function):
                 conv: tuple | None) -> Tensor:
         ctx.conv = conv
         ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)  # no error arrived (DFA, last-layer): no update at all
         ctx.save_for_backward(x, weight, feedback)
         if conv is None:
             return F.linear(x, weight, bias)
@@ -89,7 +90,9 @@ class _FeedbackFn(torch.autograd.Function):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
 
     @staticmethod
-    def backward(ctx, e: Tensor):
+    def backward(ctx, e: Tensor | None):
+        if e is None:
+            return None, None, None, None, None
         x, weight, feedback = ctx.saved_tensors
         # Computed in the parameters' precision (float32 under bf16 autocast).
         e, x = e.to(weight.dtype), x.to(weight.dtype)
@@ -113,6 +116,8 @@ class _FeedbackFn(torch.autograd.Function):
                 bias_sizes = [weight.shape[0]] if ctx.has_bias else None
                 _, dw, db = torch.ops.aten.convolution_backward(
                     e, x, weight, bias_sizes, *args, [False, need_w or need_f, need_b])
+        if dw is not None and dw.stride() != weight.stride():  # W's layout, as DDP's buckets expect
+            dw = torch.empty_like(weight).copy_(dw)
         df = dw.clone() if need_f else None  # own storage: W.grad and F.grad must not alias
         return d, dw if need_w else None, db, df, None
 

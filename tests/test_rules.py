@@ -72,7 +72,8 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-10, 
     assert err < tol, f"{name}: relative error {err:.3e}"
 
 
-CASES = [(rule, pool, pad) for rule in ekdaa.RULES for pool in ("max", "avg") for pad in (0, 1)]
+CASES = [(rule, pool, pad) for rule in ekdaa.RULES if rule != "last-layer"
+         for pool in ("max", "avg") for pad in (0, 1)]
 
 
 @pytest.mark.parametrize("rule,pool,padding", CASES)
@@ -114,6 +115,21 @@ def test_ekdaa_options_match_reference(options, act):
             assert got[name].norm() == 0
     if options.get("error_kernel_init") == "transpose":
         assert torch.equal(model[0].error_kernel, net[0].weight)
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, ekdaa.Sign])
+def test_last_layer_trains_only_the_output_layer(act):
+    net = make_net(act=act)
+    randomise(net)
+    x, y = batch()
+    model = ekdaa.convert(copy.deepcopy(net), "last-layer")
+    got = grads_of(model, x, y)
+    assert sorted(got) == ["8.bias", "8.weight"]
+    with torch.no_grad():
+        z = net[:8](x)
+        e = torch.softmax(net[8](z), 1) - F.one_hot(y, 5)
+    assert_close_rel(got["8.weight"], e.t() @ z / len(x), name="8.weight")
+    assert_close_rel(got["8.bias"], e.mean(0), name="8.bias")
 
 
 def test_forward_output_unchanged_and_bias_free_layers():

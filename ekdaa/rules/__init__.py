@@ -12,6 +12,7 @@ from .dfa import DirectFeedbackAlignment
 from .ekdaa import EKDAA
 from .fa import FeedbackAlignment
 from .kolen_pollack import KolenPollack
+from .last_layer import LastLayer
 from .sign_symmetry import SignSymmetry
 
 RULES: dict[str, type[Rule]] = {
@@ -21,6 +22,7 @@ RULES: dict[str, type[Rule]] = {
     "sign-symmetry": SignSymmetry,
     "kolen-pollack": KolenPollack,
     "ekdaa": EKDAA,
+    "last-layer": LastLayer,
 }
 
 

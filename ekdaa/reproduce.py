@@ -1,0 +1,244 @@
+"""Suites of runs (``configs/suites/*.toml``) and the results table built from them.
+
+A suite file states its whole protocol::
+
+    [suite]                      # name, machine it is sized for, what it compares
+    datasets = ["fashion-mnist", "cifar10", "svhn"]
+    rules = ["bp", "fa", "ekdaa"]
+    activations = ["tanh", "sign"]
+    seeds = [0]
+    [defaults]                   # TrainConfig fields shared by every run
+    model = "paper-cnn"
+    epochs = 10
+    [rules.ekdaa]                # per-rule fields (learning rate, beta, ...)
+    lr = 0.01
+    [datasets.cifar10]           # per-dataset fields (augmentation, ...)
+    [[variants]]                 # extra labelled rows, e.g. EKDAA with E = W at init
+    label = "ekdaa-transpose"
+    rule = "ekdaa"
+    error_kernel_init = "transpose"
+
+Rules that need f'(h) are skipped for ``sign``. A run is identified by a hash of its
+full config: ``reproduce`` trains each missing run (checkpoints under
+``runs/<suite>/``, resumed after an interruption) and copies its small record
+(config, metrics, summary, provenance) to ``results/<suite>/<dataset>/<run>/``.
+A dataset whose files are absent is skipped and noted for the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .data import DataError, load_dataset
+from .rules import RULES
+from .train import TrainConfig, TrainError, train
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+#: Fields that do not change what a run computes, left out of its identity.
+NOT_IDENTITY = ("out", "device", "data_dir", "download", "eval_batch_size", "extra")
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    label: str
+    config: TrainConfig
+
+    @property
+    def key(self) -> str:
+        fields = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in NOT_IDENTITY}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def name(self) -> str:
+        c = self.config
+        return f"{self.label}-{c.activation}-s{c.seed}-{self.key}"
+
+
+def load_suite(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        suites = sorted(p.stem for p in Path("configs/suites").glob("*.toml"))
+        raise TrainError(f"suite {path} does not exist (suites in configs/suites: {', '.join(suites) or 'none'})")
+    try:
+        suite = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise TrainError(f"suite {path} is not valid TOML: {err}") from None
+    suite.setdefault("suite", {}).setdefault("name", path.stem)
+    return suite
+
+
+def plan(suite: dict[str, Any], datasets: list[str] | None = None, rules: list[str] | None = None,
+         seeds: list[int] | None = None, activations: list[str] | None = None) -> list[PlannedRun]:
+    """Every run of ``suite`` (optionally narrowed to some datasets, row labels, seeds
+    or activations), in a deterministic order."""
+    head = suite["suite"]
+    rows = [(r, r, {}) for r in head.get("rules", [])]
+    rows += [(v["label"], v["rule"], {k: x for k, x in v.items() if k != "label"})
+             for v in suite.get("variants", [])]
+    unknown = sorted({rule for _, rule, _ in rows} - set(RULES))
+    if unknown:
+        raise TrainError(f"suite {head['name']}: unknown rules {unknown}; valid: {', '.join(RULES)}")
+    runs = []
+    for dataset in datasets or head["datasets"]:
+        for activation in activations or head.get("activations", ["tanh"]):
+            for label, rule, variant in rows:
+                if rules and label not in rules:
+                    continue
+                if activation == "sign" and RULES[rule].uses_derivative:
+                    continue
+                for seed in seeds or head.get("seeds", [0]):
+                    values = {**suite.get("defaults", {}), **suite.get("rules", {}).get(rule, {}),
+                              **suite.get("datasets", {}).get(dataset, {}), **variant,
+                              "rule": rule, "dataset": dataset, "activation": activation, "seed": seed}
+                    runs.append(PlannedRun(label, TrainConfig.from_dict(values)))
+    return runs
+
+
+def provenance(suite: str) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return dict(suite=suite, commit=commit, machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+                cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d"))
+
+
+def reproduce(suite_path: str | Path, datasets: list[str] | None = None, rules: list[str] | None = None,
+              seeds: list[int] | None = None, activations: list[str] | None = None,
+              data_dir: str | None = None, device: str = "auto",
+              results: str | Path = "results", runs_dir: str | Path = "runs",
+              log: Callable[[str], None] = print) -> list[Path]:
+    """Train every missing run of a suite; return the record folders of all its runs."""
+    suite = load_suite(suite_path)
+    name = suite["suite"]["name"]
+    done, skipped = [], {}
+    for run in plan(suite, datasets, rules, seeds, activations):
+        ds = run.config.dataset
+        record = Path(results) / name / ds / run.name
+        if (record / "summary.json").exists():
+            done.append(record)
+            continue
+        if ds in skipped:
+            continue
+        reason = _missing(ds, data_dir)
+        if reason:
+            skipped[ds] = reason
+            log(f"skip {ds}: {reason}")
+            continue
+        work = Path(runs_dir) / name / ds / run.name
+        cfg = dataclasses.replace(run.config, out=str(work), data_dir=data_dir, device=device)
+        resume = (work / "checkpoint.pt").exists()
+        log(f"{'resume' if resume else 'train'} {ds}/{run.name}")
+        train(cfg, resume=resume, log=log)
+        record.mkdir(parents=True, exist_ok=True)
+        for file in ("config.json", "metrics.jsonl", "summary.json"):
+            shutil.copy(work / file, record / file)
+        (record / "provenance.json").write_text(json.dumps({**provenance(name), "label": run.label}, indent=2))
+        done.append(record)
+    if skipped:
+        path = Path(results) / name / "skipped.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(skipped, indent=2) + "\n")
+    return done
+
+
+def _missing(dataset: str, data_dir: str | None) -> str | None:
+    try:
+        load_dataset(dataset, data_dir)
+    except DataError as err:
+        return str(err)
+    return None
+
+
+# -- the report ------------------------------------------------------------------
+
+def _records(results: Path) -> Iterator[dict[str, Any]]:
+    for summary in sorted(results.glob("*/*/*/summary.json")):
+        folder = summary.parent
+        prov = json.loads((folder / "provenance.json").read_text())
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+        yield dict(folder=folder, summary=json.loads(summary.read_text()), provenance=prov, metrics=metrics,
+                   suite=folder.parts[-3], dataset=folder.parts[-2])
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> Path:
+    """Write the results table (mean ± std over seeds per suite, dataset, row,
+    activation) and learning-curve PNGs under ``results/figures``."""
+    results = Path(results)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for rec in _records(results):
+        s = rec["summary"]
+        groups.setdefault((rec["suite"], rec["dataset"], rec["provenance"]["label"], s["activation"]), []).append(rec)
+    lines = ["# Results", "", "Every row is measured by us: `ekdaa reproduce --suite SUITE` trains the runs, "
+             "`ekdaa report` writes this file. Accuracies in %, mean ± std over seeds (test set; "
+             "train accuracy is the running mean over the last epoch).", ""]
+    for suite in sorted({k[0] for k in groups}):
+        lines += [f"## Suite `{suite}`", ""]
+        skipped = results / suite / "skipped.json"
+        for dataset in sorted({k[1] for k in groups if k[0] == suite}):
+            keys = sorted((k for k in groups if k[:2] == (suite, dataset)), key=lambda k: (k[3], k[2]))
+            figure = _curves(results, suite, dataset, {f"{k[2]} ({k[3]})": groups[k] for k in keys})
+            lines += [f"### {dataset}", "", f"![learning curves]({figure.as_posix()})", "",
+                      "| rule | activation | test acc | val acc | train acc | epochs | seeds | wall time (s) | images/s | commit | machine |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for key in keys:
+                recs = groups[key]
+                summ = [r["summary"] for r in recs]
+                vals = [s["val_accuracy"] for s in summ if s["val_accuracy"] is not None]
+                prov = recs[0]["provenance"]
+                lines.append(
+                    f"| {key[2]} | {key[3]} | {_mean_std([s['test_accuracy'] for s in summ])} | {_mean_std(vals)} | "
+                    f"{_mean_std([s['train_accuracy'] for s in summ])} | {summ[0]['epochs']} | {len(summ)} | "
+                    f"{statistics.mean(s['seconds'] for s in summ):.0f} | "
+                    f"{statistics.mean(s['images_per_s'] or 0 for s in summ):.0f} | {prov['commit']} | "
+                    f"{prov['machine']}, {prov['cpus']} cpus |")
+            lines.append("")
+        if skipped.exists():
+            for dataset, reason in json.loads(skipped.read_text()).items():
+                lines += [f"### {dataset}", "", f"Skipped: {reason}", ""]
+    out = Path(out)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _curves(results: Path, suite: str, dataset: str, rows: dict[str, list[dict[str, Any]]]) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, recs in rows.items():
+        metrics = recs[0]["metrics"]
+        ax.plot([m["epoch"] for m in metrics], [100 * m["test_accuracy"] for m in metrics], marker="o",
+                label=f"{label}, seed {recs[0]['summary']['seed']}")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{dataset}: test accuracy per epoch (suite {suite})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = results / "figures" / f"{suite}-{dataset}-curves.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

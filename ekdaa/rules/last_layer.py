@@ -1,0 +1,28 @@
+"""The floor: train the output layer only.
+
+Every hidden layer stays at its random initialisation and only the output layer
+learns, from e_L = softmax(h_L) - onehot(y):
+
+    dW_L = e_L (x) z_{L-1},   dW_l = 0 for l < L
+
+Any rule that trains the hidden layers must beat this; a rule that does worse has
+made its random features worse. It evaluates no derivative, so ``Sign`` networks run.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Rule
+
+
+class LastLayer(Rule):
+    """Train only the output layer (hidden layers frozen at initialisation)."""
+
+    name = "last-layer"
+    uses_derivative = False
+
+    def convert_weight(self, path: str, layer: nn.Module) -> None:
+        self.attach_feedback(layer, None, learned=None)
+
+    def feedback(self, layer: nn.Module) -> None:
+        return None  # no error travels below the output layer

@@ -1,0 +1,40 @@
+"""Two CPU processes (gloo, loopback) with batch B reach what one process with 2B does."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ekdaa.train import TrainConfig, load_checkpoint, train
+
+ARGS = ["--dataset", "digits", "--model", "small-cnn", "--train-subset", "256", "--epochs", "2",
+        "--lr", "0.05", "--device", "cpu", "--seed", "3"]
+
+
+@pytest.mark.parametrize("rule", ["bp", "ekdaa"])
+def test_two_ranks_match_one_process_with_double_batch(tmp_path, rule):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ekdaa", "train", *ARGS, "--rule", rule, "--batch-size", "16", "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"test_accuracy"') == 1  # rank 0 alone reports
+    single = train(TrainConfig(dataset="digits", model="small-cnn", train_subset=256, epochs=2, lr=0.05,
+                               device="cpu", seed=3, rule=rule, batch_size=32, out=str(tmp_path / "one")),
+                   log=lambda s: None)
+    a = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    assert a["world"] == 2 and b["world"] == 1
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    ddp_metrics = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(ddp_metrics) == 2
+    import json
+    assert json.loads(ddp_metrics[-1])["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=0.01)
+    # an epoch-end checkpoint from 2 ranks resumes in 1 process
+    resumed = train(TrainConfig(epochs=3, out=str(tmp_path / "ddp"), device="cpu"), resume=True,
+                    log=lambda s: None)
+    assert resumed["epochs"] == 3

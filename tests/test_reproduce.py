@@ -1,0 +1,102 @@
+"""Suites: planning, running what is missing, skipping what is done, the report."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ekdaa import reproduce as rp
+from ekdaa.train import TrainError
+
+SUITE = """
+[suite]
+name = "tiny"
+datasets = ["digits", "cifar10"]
+rules = ["bp", "ekdaa"]
+activations = ["tanh", "sign"]
+seeds = [0, 1]
+[defaults]
+model = "mlp"
+epochs = 1
+train_subset = 100
+lr = 0.05
+[rules.ekdaa]
+beta = 0.5
+[[variants]]
+label = "ekdaa-transpose"
+rule = "ekdaa"
+error_kernel_init = "transpose"
+"""
+
+
+@pytest.fixture
+def suite(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SUITE)
+    return path
+
+
+def test_plan_expands_the_protocol(suite):
+    runs = rp.plan(rp.load_suite(suite))
+    labels = {(r.config.dataset, r.label, r.config.activation) for r in runs}
+    assert ("digits", "bp", "sign") not in labels  # bp needs f'(h): no sign row
+    assert ("digits", "ekdaa", "sign") in labels and ("cifar10", "ekdaa-transpose", "tanh") in labels
+    assert len(runs) == 2 * (3 + 2) * 2
+    ekdaa = next(r for r in runs if r.label == "ekdaa")
+    assert (ekdaa.config.beta, ekdaa.config.model, ekdaa.config.epochs) == (0.5, "mlp", 1)
+    assert len({r.key for r in runs}) == len(runs)
+    narrowed = rp.plan(rp.load_suite(suite), datasets=["digits"], rules=["bp"], seeds=[1])
+    assert [(r.label, r.config.seed) for r in narrowed] == [("bp", 1)]
+
+
+def test_reproduce_runs_missing_skips_done_and_absent_datasets(suite, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kw = dict(rules=["bp", "ekdaa"], activations=["tanh"], data_dir=str(tmp_path / "no-data"), device="cpu",
+              log=lambda s: None)
+    monkeypatch.setattr("ekdaa.data.store.DataStore._download",
+                        staticmethod(lambda remote, path: (_ for _ in ()).throw(
+                            rp.DataError(f"cannot download {remote.url}: offline"))))
+    records = rp.reproduce(suite, **kw)
+    assert len(records) == 4  # digits x (bp, ekdaa) x 2 seeds; cifar10 absent
+    assert "cifar10" in json.loads((tmp_path / "results" / "tiny" / "skipped.json").read_text())
+    for record in records:
+        assert {p.name for p in record.iterdir()} == {"config.json", "metrics.jsonl", "summary.json",
+                                                       "provenance.json"}
+    monkeypatch.setattr(rp, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert sorted(rp.reproduce(suite, **kw)) == sorted(records)
+
+    out = rp.report(tmp_path / "results", tmp_path / "RESULTS.md")
+    text = out.read_text()
+    assert "| bp | tanh |" in text and "| ekdaa | tanh |" in text and " ± " in text
+    assert "cifar10" in text and "Skipped" in text
+    assert (tmp_path / "results" / "figures" / "tiny-digits-curves.png").stat().st_size > 1000
+
+
+def test_interrupted_run_resumes(suite, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = rp.plan(rp.load_suite(suite), datasets=["digits"], rules=["bp"], seeds=[0])[0]
+    work = tmp_path / "runs" / "tiny" / "digits" / run.name
+    from ekdaa.train import train
+    train(run.config.__class__(**{**run.config.__dict__, "out": str(work), "epochs": 1, "device": "cpu"}),
+          log=lambda s: None)
+    (work / "summary.json").unlink()
+    seen = {}
+    real = rp.train
+
+    def spy(cfg, resume, log):
+        seen["resume"] = resume
+        return real(cfg, resume=resume, log=log)
+
+    monkeypatch.setattr(rp, "train", spy)
+    rp.reproduce(suite, datasets=["digits"], rules=["bp"], seeds=[0], activations=["tanh"], device="cpu",
+                 log=lambda s: None)
+    assert seen["resume"] is True
+
+
+def test_bad_suites(tmp_path):
+    with pytest.raises(TrainError, match="does not exist"):
+        rp.load_suite(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[suite]\ndatasets = ["digits"]\nrules = ["backprop"]\n')
+    with pytest.raises(TrainError, match="unknown rules \\['backprop'\\]"):
+        rp.plan(rp.load_suite(bad))
