@@ -57,8 +57,13 @@ class _ErrorMapFn(torch.autograd.Function):
         if ctx.error_norm == "max":  # d / max(1, max|d|), per sample
             peak = grad.abs().amax(dim=tuple(range(1, grad.dim())), keepdim=True) * n
             grad = grad / peak.clamp_min(1.0)
-        target = ctx.f(torch.add(h, grad, alpha=-step))
-        return (z - target).div_(n), None, None, None, None
+        h_target = torch.add(h, grad, alpha=-step)  # h~ = h - beta * d, the one new tensor
+        if ctx.f is torch.tanh:
+            # tanh(u) = 2 sigmoid(2u) - 1 (sigmoid is the faster kernel on CPU), so
+            # e = 2 (sigmoid(2h) - sigmoid(2h~)); both terms by one formula: d = 0 gives e = 0 exactly.
+            target = h_target.mul_(2).sigmoid_()
+            return torch.mul(h, 2).sigmoid_().sub_(target).mul_(2 / n), None, None, None, None
+        return ctx.f(h_target).sub_(z).mul_(-1 / n), None, None, None, None  # (z - f(h~)) / n
 
 
 class ErrorMap(nn.Module):
