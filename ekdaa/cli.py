@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .analysis import ATTACKS, PICTURES
 from .data import DATASETS, NORMALIZATIONS, DataError
 from .models import ACTIVATIONS, MODELS
 from .rules import RULES, ConversionError
@@ -63,6 +65,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", choices=AMP, help="bf16 autocast for the forward pass (default none)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory format")
     g.add_argument("--eval-batch-size", type=int, help=f"batch size for evaluation (default {d.eval_batch_size})")
+    g.add_argument("--track-alignment", action=argparse.BooleanOptionalAction,
+                   help="log per-layer angles (feedback vs W, update vs backprop) to metrics.jsonl each epoch")
     g.add_argument("--out", help="run directory for config, metrics, summary and checkpoint (default none)")
 
 
@@ -84,9 +88,14 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
+    from .distributed import teardown
     cfg = _config(args)
-    summary = train(cfg, resume=args.resume)
-    print(json.dumps({k: summary[k] for k in ("rule", "dataset", "epochs", "test_accuracy", "seconds")}))
+    try:
+        summary = train(cfg, resume=args.resume)
+    finally:
+        teardown()
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: summary[k] for k in ("rule", "dataset", "epochs", "test_accuracy", "seconds")}))
     return 0
 
 
@@ -104,6 +113,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
     return bench.main(args.rest) or 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from .analysis import visualize
+    for path in visualize(args.runs, args.what, args.out, device=args.device, data_dir=args.data_dir,
+                          tsne_samples=args.tsne_samples):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from .analysis import markdown, robustness, write_result
+    result = robustness(args.runs, args.attack, args.eps, args.eps_unit, args.substitute, args.samples,
+                        args.steps, data_dir=args.data_dir, device=args.device)
+    print(markdown(result))
+    for path in write_result(result, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _eps_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,2,4,8") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"epsilons must be >= 0, got {text!r}")
+    return values
+
+
+def _analysis_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="folder with one sub-folder per dataset (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
+def _csv(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+    suite = args.suite if args.suite.endswith(".toml") else f"configs/suites/{args.suite}.toml"
+    seeds = [int(s) for s in args.seeds] if args.seeds else None
+    records = reproduce(suite, args.datasets, args.rules, seeds, args.activations, args.data_dir, args.device,
+                        args.results)
+    print(f"{len(records)} finished runs under {args.results}; write the table with: ekdaa report")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .reproduce import report
+    print(f"wrote {report(args.results, args.out)}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -129,10 +191,57 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="JSON file to write (default: eval-DATASET-SPLIT.json beside the checkpoint)")
     e.set_defaults(func=cmd_eval)
 
+    r = sub.add_parser("reproduce", help="run every missing run of a suite",
+                       description="Train each run of a suite (configs/suites/NAME.toml) that has no record "
+                       "under --results yet; interrupted runs resume from their checkpoints.")
+    r.add_argument("--suite", required=True, help="suite name in configs/suites (cpu, paper) or a .toml path")
+    r.add_argument("--datasets", type=_csv, help="comma-separated subset of the suite's datasets")
+    r.add_argument("--rules", type=_csv, help="comma-separated subset of the suite's rows (rule names/labels)")
+    r.add_argument("--activations", type=_csv, help="comma-separated subset of the suite's activations")
+    r.add_argument("--seeds", type=_csv, help="comma-separated seeds (default: the suite's)")
+    r.add_argument("--data-dir", help="folder with one sub-folder per dataset")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    r.add_argument("--results", default="results", help="where run records go (default results)")
+    r.set_defaults(func=cmd_reproduce)
+
+    rp = sub.add_parser("report", help="write RESULTS.md from finished runs",
+                        description="Table of every finished suite run (mean ± std over seeds) and learning curves.")
+    rp.add_argument("--results", default="results", help="run records folder (default results)")
+    rp.add_argument("--out", default="RESULTS.md", help="Markdown file to write (default RESULTS.md)")
+    rp.set_defaults(func=cmd_report)
+
     b = sub.add_parser("bench", help="time a training step of every rule (python -m ekdaa.bench)",
                        add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser("visualize", help="draw filters, error kernels, t-SNE, learning/alignment curves",
+                       description="PNG pictures of runs: per run filters, kernels, tsne; one plot of all "
+                       "runs for curves and alignment.")
+    v.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (written by train --out)")
+    v.add_argument("--what", choices=(*PICTURES, "all"), default="all", help="which picture (default all)")
+    v.add_argument("--out", default="results/figures", help="folder for the PNGs (default results/figures)")
+    v.add_argument("--tsne-samples", type=int, default=1000, help="first N test images for t-SNE (default 1000)")
+    _analysis_options(v)
+    v.set_defaults(func=cmd_visualize)
+
+    a = sub.add_parser("attack", help="accuracy under FGSM/PGD, white-box or transferred from a substitute",
+                       description="Accuracy-vs-epsilon table (JSON, Markdown) and plot of one or several "
+                       "target runs; white-box unless --substitute.")
+    a.add_argument("runs", nargs="+", metavar="RUN_DIR", help="target run directories")
+    a.add_argument("--attack", choices=ATTACKS, default="fgsm", help="L-inf attack (default fgsm)")
+    a.add_argument("--eps", type=_eps_list, default=[0.0, 2.0, 4.0, 8.0], help="comma-separated epsilons "
+                   "(default 0,2,4,8)")
+    a.add_argument("--eps-unit", type=float, default=255.0, help="eps is in 1/UNIT of the pixel range "
+                   "(default 255: grey levels)")
+    a.add_argument("--substitute", metavar="RUN_DIR", help="craft on this run (e.g. bp) and transfer to the "
+                   "targets (black-box); default: white-box on each target")
+    a.add_argument("--samples", type=int, default=1000, help="first N test images (0: all; default 1000)")
+    a.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
+    a.add_argument("--out", default="results/robustness", help="folder for the table and plot "
+                   "(default results/robustness)")
+    _analysis_options(a)
+    a.set_defaults(func=cmd_attack)
     return p
 
 

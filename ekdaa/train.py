@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .data import Normalizer, augment, batches, load_dataset, split_validation
 from .models import build_model
 from .rules import convert, param_groups
@@ -56,7 +56,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 50
     optimizer: str = "sgd"
-    lr: float = 0.01
+    lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr_schedule: str = "none"
@@ -79,6 +79,7 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False
     eval_batch_size: int = 1000
+    track_alignment: bool = False  # log per-layer feedback/update angles each epoch (ekdaa.analysis)
     out: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -203,21 +204,24 @@ def build(cfg: TrainConfig, data: Data, device: torch.device) -> tuple[nn.Module
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, normalizer: Normalizer, batch_size: int = 1000,
-             amp: str = "none", channels_last: bool = False) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on uint8 images ``x``."""
+             amp: str = "none", channels_last: bool = False,
+             dist: distributed.Dist = distributed.Dist()) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on uint8 images ``x`` (each rank
+    evaluates every ``dist.world``-th image; the sums are combined)."""
     was_training = model.training
     model.eval()
-    loss = torch.zeros((), device=x.device, dtype=torch.float64)
-    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    sums = torch.zeros(3, device=x.device, dtype=torch.float64)  # loss, correct, count
+    x, y = x[dist.rank::dist.world], y[dist.rank::dist.world]
     for xb, yb in batches(x, y, batch_size, shuffle=False, generator=None):
         inp = _inputs(normalizer, xb, channels_last)
         with _autocast(x.device, amp):
             logits = model(inp)
-        loss += F.cross_entropy(logits.float(), yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
+        sums[0] += F.cross_entropy(logits.float(), yb, reduction="sum")
+        sums[1] += (logits.argmax(1) == yb).sum()
+        sums[2] += len(yb)
     model.train(was_training)
-    n = max(1, len(y))
-    return loss.item() / n, correct.item() / n
+    loss, correct, n = dist.all_sum(sums).tolist()
+    return loss / max(n, 1), correct / max(n, 1)
 
 
 def _inputs(normalizer: Normalizer, xb: Tensor, channels_last: bool) -> Tensor:
@@ -258,6 +262,12 @@ class Run:
         cfg.validate()
         self.cfg, self.log, self.progress = cfg, log, progress
         self.device = resolve_device(cfg.device)
+        self.dist = distributed.setup(self.device)
+        if self.device.type == "cuda" and self.dist.world > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if not self.dist.is_main:
+            self.log = lambda line: None
         self.out = Path(cfg.out) if cfg.out else None
         state = None
         if resume:
@@ -273,13 +283,17 @@ class Run:
             self.cfg = cfg = saved
         self.data = prepare_data(cfg, self.device)
         self.model, self.opt, self.sched = build(cfg, self.data, self.device)
-        self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.net = self.model  # what the step calls: DistributedDataParallel across ranks
+        if self.dist.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + self.dist.rank)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.running = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, seen
         self.history: list[dict[str, Any]] = []
         if state is not None:
             self._restore(state)
-        elif self.out is not None:
+        elif self.out is not None and self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(
                 dict(config=dataclasses.asdict(cfg), environment=environment()), indent=2) + "\n")
@@ -290,14 +304,18 @@ class Run:
         if self.sched is not None and state["scheduler"] is not None:
             self.sched.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
+        if self.step and state.get("world", 1) != self.dist.world:
+            raise TrainError(f"the checkpoint stopped mid-epoch with {state.get('world', 1)} processes: "
+                             f"resume it with that many (an epoch-end checkpoint resumes with any number)")
         self.running = state["running"].to(self.device)
         _set_rng_state(self.aug_gen, state["rng"], self.device)
         lines = (self.out / "metrics.jsonl").read_text().splitlines()
         self.history = [r for r in map(json.loads, filter(str.strip, lines)) if r["epoch"] <= self.epoch]
-        self._write_metrics()
+        if self.dist.is_main:
+            self._write_metrics()
 
     def checkpoint(self) -> None:
-        if self.out is None:
+        if self.out is None or not self.dist.is_main:
             return
         save_atomic(dict(
             format=CHECKPOINT_FORMAT, config=dataclasses.asdict(self.cfg), model=self.model.state_dict(),
@@ -305,28 +323,31 @@ class Run:
             epoch=self.epoch, step=self.step, seconds=self.seconds, running=self.running.cpu(),
             rng=_rng_state(self.aug_gen, self.device),
             normalizer=self.data.normalizer.state_dict(), image_shape=list(self.data.image_shape),
-            num_classes=self.data.num_classes), self.out / "checkpoint.pt")
+            num_classes=self.data.num_classes, world=self.dist.world), self.out / "checkpoint.pt")
 
     def _check_finite(self, loss_sum: Tensor) -> None:
-        bad = not math.isfinite(loss_sum.item())
-        if not bad:
-            bad = not all(torch.isfinite(p).all() for p in self.model.parameters())
-        if bad:
+        bad = torch.stack([~torch.isfinite(loss_sum)] + [~torch.isfinite(p).all() for p in self.model.parameters()])
+        if self.dist.all_sum(bad.any().to(torch.int32)).item():
             where = f" (last good checkpoint: {self.out / 'checkpoint.pt'})" if self.out else ""
             raise Diverged(f"training diverged at epoch {self.epoch + 1} step {self.step}: loss or "
                            f"parameters are NaN/inf; lower --lr (now {self.cfg.lr}){where}")
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """This epoch's batches (order fixed by seed and epoch), from the step reached."""
+        """This epoch's batches (order fixed by seed and epoch), from the step reached. With
+        N processes a global batch holds N x batch_size images and each rank takes its slice
+        (the last, incomplete global batch is dropped)."""
         order = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
         x, y = self.data.train
-        for i, batch in enumerate(batches(x, y, self.cfg.batch_size, shuffle=True, generator=order)):
+        b, rank, world = self.cfg.batch_size, self.dist.rank, self.dist.world
+        for i, (xb, yb) in enumerate(batches(x, y, b * world, shuffle=True, generator=order, drop_last=world > 1)):
             if i >= self.step:
-                yield batch
+                yield xb[rank * b:(rank + 1) * b], yb[rank * b:(rank + 1) * b]
 
     def train_epoch(self) -> None:
         self.model.train()
-        n_steps = math.ceil(len(self.data.train[1]) / self.cfg.batch_size)
+        n = len(self.data.train[1])
+        global_batch = self.cfg.batch_size * self.dist.world
+        n_steps = n // global_batch if self.dist.world > 1 else math.ceil(n / global_batch)
         bar = tqdm(total=n_steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                    leave=False, disable=not self.progress if self.progress is not None else None)
         start = time.perf_counter()
@@ -352,7 +373,7 @@ class Run:
         if cfg.augment:
             inp = augment(inp, self.aug_gen, flip=cfg.dataset == "cifar10")
         with _autocast(self.device, cfg.amp):
-            logits = self.model(inp)
+            logits = self.net(inp)
             loss = F.cross_entropy(logits.float(), yb)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -373,7 +394,7 @@ class Run:
     @contextlib.contextmanager
     def _catch_ctrl_c(self) -> Iterator[None]:
         self.interrupted = False
-        if threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread() or self.dist.world > 1:
             yield
             return
 
@@ -392,10 +413,13 @@ class Run:
         t0 = self.seconds
         self.train_epoch()
         self._check_finite(self.running[0])
-        loss_sum, correct, seen = self.running.tolist()
+        loss_sum, correct, seen = self.dist.all_sum(self.running).tolist()
         record = dict(epoch=self.epoch + 1, train_loss=loss_sum / seen, train_accuracy=correct / seen,
                       images_per_s=seen / max(self.seconds - t0, 1e-9), lr=self.opt.param_groups[0]["lr"])
         record.update(self._evaluate())
+        if self.cfg.track_alignment:
+            from .analysis import track_alignment
+            record["alignment"] = track_alignment(self)
         if self.sched is not None:
             self.sched.step()
         self.epoch, self.step = self.epoch + 1, 0
@@ -413,12 +437,12 @@ class Run:
                 out[f"{split}_loss"] = out[f"{split}_accuracy"] = None
                 continue
             loss, acc = evaluate(self.model, *pair, self.data.normalizer, self.cfg.eval_batch_size,
-                                 self.cfg.amp, self.cfg.channels_last)
+                                 self.cfg.amp, self.cfg.channels_last, self.dist)
             out[f"{split}_loss"], out[f"{split}_accuracy"] = loss, acc
         return out
 
     def _write_metrics(self) -> None:
-        if self.out is not None:
+        if self.out is not None and self.dist.is_main:
             text = "".join(json.dumps(r) + "\n" for r in self.history)
             tmp = self.out / ".metrics.jsonl.tmp"
             tmp.write_text(text)
@@ -432,8 +456,9 @@ class Run:
                        train_accuracy=last.get("train_accuracy"), val_accuracy=last.get("val_accuracy"),
                        test_accuracy=last.get("test_accuracy"), train_loss=last.get("train_loss"),
                        test_loss=last.get("test_loss"), images_per_s=last.get("images_per_s"),
-                       seconds=self.seconds, device=str(self.device), rule_options=cfg.rule_options())
-        if self.out is not None:
+                       seconds=self.seconds, device=str(self.device), processes=self.dist.world,
+                       rule_options=cfg.rule_options())
+        if self.out is not None and self.dist.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 

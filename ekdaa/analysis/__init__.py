@@ -1,0 +1,17 @@
+"""Looking inside trained runs, for any rule.
+
+* :func:`alignment`: per weight layer, the angle between the feedback tensor and W and
+  between the rule's update and backprop's gradient (``TrainConfig(track_alignment=True)``
+  logs it every epoch);
+* :func:`visualize`: filters, error kernels, t-SNE, learning and alignment curves (PNG);
+* :func:`robustness`: FGSM/PGD accuracy against epsilon, white-box or transferred from a
+  substitute run.
+"""
+from .alignment import alignment, angle, feedback_tensor, track_alignment, weight_layers
+from .attacks import ATTACKS, PixelModel, craft, fgsm, markdown, pgd, robustness, write_result
+from .pictures import PICTURES, visualize
+from .runs import RunDir, copy_weights, plain_copy
+
+__all__ = ["ATTACKS", "PICTURES", "PixelModel", "RunDir", "alignment", "angle", "copy_weights", "craft",
+           "feedback_tensor", "fgsm", "markdown", "pgd", "plain_copy", "robustness", "track_alignment",
+           "visualize", "weight_layers", "write_result"]

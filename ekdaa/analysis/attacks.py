@@ -1,0 +1,199 @@
+"""Adversarial robustness: FGSM and PGD (L-inf), white-box or transferred from a substitute.
+
+Images are attacked in pixel space (floats in 0..255, the run's normalisation applied inside
+the model); eps is given in units of ``1 / eps_unit`` of the pixel range, e.g. eps 8 with
+eps_unit 255 moves every pixel by at most 8 grey levels.
+
+* white-box: examples are crafted with the target's own true input gradient, from its plain
+  (autograd) twin: a converted model's backward is its rule's, not the gradient.
+* transfer (black-box, as in the EKDAA paper): examples are crafted on a substitute run (e.g.
+  a backprop-trained one, any architecture on the same dataset) and shown to the targets.
+
+A target whose input gradient is zero (``sign`` activations) cannot be attacked white-box:
+its examples stay unperturbed, and the result says so instead of reporting robustness.
+
+Why a few dozen lines of our own rather than an attack library: torchattacks needs
+torchvision (a second build tied to each torch release) and pins requests~=2.25; foolbox
+needs eagerpy and GitPython; ART is a large toolbox. FGSM and PGD are a few lines each, and
+what matters here is ours anyway: differentiating the plain twin, attacking in pixel space
+through the run's normaliser, and reusing one set of examples across targets.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import Normalizer
+from .pictures import plot_robustness
+from .runs import RunDir
+
+ATTACKS = ("fgsm", "pgd")
+PIXEL_RANGE = (0.0, 255.0)
+
+
+class PixelModel(nn.Module):
+    """A model on raw pixel values (floats in 0..255): applies the run's normalisation first,
+    with the same arithmetic as :class:`~ekdaa.data.Normalizer`."""
+
+    def __init__(self, model: nn.Module, normalizer: Normalizer):
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        self.register_buffer("mean", normalizer.mean.float().view(-1, 1, 1))
+        self.register_buffer("std", normalizer.std.float().view(-1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """d loss / d x of the summed cross-entropy."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        return torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)[0]
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
+    """Fast gradient sign method (Goodfellow et al., 2015): one step of eps along sign(grad)."""
+    return (x + eps * input_gradient(model, x, y).sign()).clamp(*PIXEL_RANGE)
+
+
+def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10,
+        generator: torch.Generator | None = None) -> Tensor:
+    """Projected gradient descent, L-inf (Madry et al., 2018): a uniform random start in the
+    eps-ball, then ``steps`` signed steps of 2.5 eps / steps, each projected back onto the ball
+    and the pixel range."""
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).mul_(2).sub_(1)
+    adv = (x + eps * noise).clamp(*PIXEL_RANGE)
+    for _ in range(steps):
+        adv = adv + 2.5 * eps / steps * input_gradient(model, adv, y).sign()
+        adv = torch.minimum(torch.maximum(adv, x - eps), x + eps).clamp(*PIXEL_RANGE)
+    return adv
+
+
+def craft(attack: str, model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10,
+          seed: int = 0, batch_size: int = 500) -> Tensor:
+    """Adversarial examples for the pixel images ``x`` (eps in pixels), in batches."""
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
+    if eps == 0:
+        return x.clone()
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    parts = []
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        parts.append(fgsm(model, xb, yb, eps) if attack == "fgsm" else pgd(model, xb, yb, eps, steps, generator))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
+    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(x), batch_size))
+    return correct / max(1, len(y))
+
+
+def zero_gradient_fraction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
+    """Fraction of images whose input gradient is exactly zero (nothing for an attack to follow)."""
+    zero = sum(int((input_gradient(model, x[i:i + batch_size], y[i:i + batch_size]).flatten(1)
+                    .abs().amax(1) == 0).sum()) for i in range(0, len(x), batch_size))
+    return zero / max(1, len(y))
+
+
+def _vanishing_note(run: RunDir, fraction: float, whitebox: bool) -> str | None:
+    if fraction == 0:
+        return None
+    cause = f"input gradients of {run.name} (activation {run.cfg.activation!r}) are zero for {fraction:.0%} of the images"
+    if whitebox:
+        return (f"{cause}: the white-box attack cannot move them, so accuracy here is not evidence of "
+                "robustness; use a transfer attack (--substitute)")
+    return f"{cause}: the substitute cannot craft examples for them; pick a differentiable substitute"
+
+
+def robustness(targets: Sequence[str | Path], attack: str = "fgsm", eps: Sequence[float] = (0, 2, 4, 8),
+               eps_unit: float = 255.0, substitute: str | Path | None = None, samples: int = 1000,
+               steps: int = 10, data_dir: str | None = None, device: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Accuracy of each target run under ``attack`` at each ``eps`` (in 1/eps_unit of the pixel
+    range) on the first ``samples`` test images (0: all). White-box without ``substitute``;
+    otherwise transfer: examples crafted on the substitute run, whose own (white-box) accuracy is
+    one row, role "substitute", also when it is among the targets."""
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
+    if not targets:
+        raise ValueError("give at least one target run directory")
+    if any(e < 0 for e in eps) or not eps_unit > 0:
+        raise ValueError("eps must be >= 0 and eps_unit > 0")
+    runs = [RunDir(path, device) for path in targets]
+    sub = RunDir(substitute, device) if substitute is not None else None
+    for run in runs + ([sub] if sub else []):
+        if run.cfg.dataset != runs[0].cfg.dataset:
+            raise ValueError(f"runs {runs[0].name} and {run.name} use different datasets "
+                             f"({runs[0].cfg.dataset}, {run.cfg.dataset}): attack runs of one dataset")
+    x, y, _ = runs[0].test_images(samples, data_dir)
+    pixels = x.float()
+    pixel_eps = [e * 255.0 / eps_unit for e in eps]
+    steps = steps if attack == "pgd" else 1
+    if sub is not None and sub.key in {run.key for run in runs}:  # the substitute is also a target
+        sub = next(run for run in runs if run.key == sub.key)
+    models = {run.key: PixelModel(run.plain(), run.normalizer) for run in runs + ([sub] if sub else [])}
+
+    def row(run: RunDir, role: str, acc: list[float], note: str | None) -> dict[str, Any]:
+        return dict(run=run.name, path=str(run.path), rule=run.cfg.rule, model=run.cfg.model,
+                    activation=run.cfg.activation, role=role, accuracy=acc, note=note)
+
+    rows = []
+    if sub is None:
+        for run in runs:
+            model = models[run.key]
+            acc = [accuracy(model, craft(attack, model, pixels, y, e, steps, seed), y) for e in pixel_eps]
+            rows.append(row(run, "target", acc, _vanishing_note(run, zero_gradient_fraction(model, pixels, y), True)))
+        title = f"{attack.upper()} white-box on {', '.join(run.label for run in runs)}"
+    else:
+        crafter = models[sub.key]
+        accs: dict[str, list[float]] = {key: [] for key in models}
+        for e in pixel_eps:
+            adv = craft(attack, crafter, pixels, y, e, steps, seed)
+            for key, model in models.items():
+                accs[key].append(accuracy(model, adv, y))
+        note = _vanishing_note(sub, zero_gradient_fraction(crafter, pixels, y), False)
+        rows = [row(run, "target", accs[run.key], None) for run in runs if run is not sub]
+        rows.append(row(sub, "substitute", accs[sub.key], note))
+        title = f"{attack.upper()} transfer from {sub.label} to {', '.join(run.label for run in runs)}"
+    return dict(attack=attack, mode="white-box" if sub is None else "transfer", title=title,
+                substitute=None if sub is None else sub.name, dataset=runs[0].cfg.dataset,
+                samples=len(y), steps=steps, seed=seed, eps=list(eps), eps_unit=eps_unit, rows=rows)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The accuracy-vs-epsilon table of a :func:`robustness` result, with its notes."""
+    unit = result["eps_unit"]
+    heads = [f"{e:g}" if unit == 1 else f"{e:g}/{unit:g}" for e in result["eps"]]
+    lines = [f"### {result['title']}", "",
+             f"{result['dataset']}, first {result['samples']} test images"
+             + (f", {result['steps']} steps" if result["attack"] == "pgd" else "") + "; accuracy at each eps",
+             "", "| run | rule | model | role | " + " | ".join(heads) + " |",
+             "|" + " --- |" * (4 + len(heads))]
+    for r in result["rows"]:
+        role = "substitute (white-box)" if r["role"] == "substitute" else r["role"]
+        lines.append(f"| {r['run']} | {r['rule']} | {r['model']} | {role} | "
+                     + " | ".join(f"{a:.4f}" for a in r["accuracy"]) + " |")
+    notes = [f"- {r['run']}: {r['note']}" for r in result["rows"] if r["note"]]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def write_result(result: dict[str, Any], out: str | Path) -> list[Path]:
+    """``result`` as JSON, Markdown and a PNG plot in ``out``; returns the three paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mode = "whitebox" if result["substitute"] is None else f"transfer-from-{result['substitute']}"
+    targets = "+".join(r["run"] for r in result["rows"] if r["role"] == "target")
+    stem = f"{result['attack']}-{mode}-{targets}"
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(markdown(result))
+    return [json_path, md_path, plot_robustness(result, out / f"{stem}.png")]

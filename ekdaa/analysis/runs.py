@@ -1,0 +1,114 @@
+"""Run directories as analysis sees them, and the plain (autograd) twin of a converted model.
+
+A converted model's backward is its rule's, not autograd's. True gradients (the backprop
+reference of :func:`~ekdaa.analysis.alignment` and the input gradients of white-box attacks)
+come from :func:`plain_copy`: the same network rebuilt unconverted, with the same weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import Normalizer, load_dataset
+from ..models import build_model
+from ..train import TrainConfig, TrainError, load_checkpoint, load_model, resolve_device
+
+#: state_dict names of feedback tensors (EKDAA's error kernels, FA/KP/DFA's B): a plain model has none
+FEEDBACK_KEYS = ("error_kernel", "feedback")
+
+
+def rng_preserved(device: torch.device) -> AbstractContextManager[None]:
+    """Restores torch's global RNG state (and ``device``'s, if CUDA) on exit."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def copy_weights(plain: nn.Module, converted: nn.Module) -> nn.Module:
+    """Load ``converted``'s weights into ``plain``, its unconverted twin: feedback tensors are
+    dropped, everything else must match exactly. Returns ``plain``."""
+    state = {k: v for k, v in converted.state_dict().items() if k.rsplit(".", 1)[-1] not in FEEDBACK_KEYS}
+    try:
+        plain.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError("the plain reference model does not match the converted model: "
+                         f"{' '.join(str(err).split())[:300]}") from err
+    return plain
+
+
+def plain_copy(model: nn.Module, cfg: TrainConfig, image_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """An unconverted copy of a run's converted ``model`` (rebuilt from ``cfg``, weights copied),
+    in eval mode on ``model``'s device: its backward is autograd's true gradient. Leaves the
+    global RNG untouched."""
+    device = next(model.parameters()).device
+    with rng_preserved(device):
+        plain = build_model(cfg.model, image_shape, num_classes, activation=cfg.activation, bias=cfg.bias)
+    return copy_weights(plain.to(device), model).eval()
+
+
+class RunDir:
+    """A run directory written by ``ekdaa train --out``; the checkpoint is loaded on first use."""
+
+    def __init__(self, path: str | Path, device: str = "auto"):
+        self.path = Path(path)
+        if not (self.path / "checkpoint.pt").is_file():
+            raise TrainError(f"{self.path} is not a run directory: it has no checkpoint.pt "
+                             "(write one with ekdaa train --out DIR)")
+        self.device = resolve_device(device)
+        self.key = os.path.abspath(self.path)
+        self.name = Path(self.key).name  # a symlink keeps its own name
+
+    @cached_property
+    def cfg(self) -> TrainConfig:
+        try:
+            return TrainConfig.from_dict(json.loads((self.path / "config.json").read_text())["config"])
+        except (OSError, ValueError, KeyError) as err:
+            raise TrainError(f"{self.path}/config.json is missing or unreadable: {err}") from err
+
+    @property
+    def label(self) -> str:
+        """'name (rule)', for titles and legends."""
+        return f"{self.name} ({self.cfg.rule})"
+
+    @cached_property
+    def metrics(self) -> list[dict[str, Any]]:
+        """One record per epoch from metrics.jsonl (empty if there is none)."""
+        path = self.path / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    @cached_property
+    def _loaded(self) -> tuple[nn.Module, Normalizer, tuple[int, int, int], int]:
+        checkpoint = self.path / "checkpoint.pt"
+        state = load_checkpoint(checkpoint, "cpu")
+        model, _, normalizer = load_model(checkpoint, str(self.device))
+        return model, normalizer, tuple(state["image_shape"]), state["num_classes"]
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained model, converted to its rule, in eval mode."""
+        return self._loaded[0]
+
+    @property
+    def normalizer(self) -> Normalizer:
+        return self._loaded[1]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self._loaded[2]
+
+    def plain(self) -> nn.Module:
+        """The model unconverted (autograd backward), same weights, eval mode."""
+        return plain_copy(self.model, self.cfg, self.image_shape, self._loaded[3])
+
+    def test_images(self, samples: int = 0, data_dir: str | None = None) -> tuple[Tensor, Tensor, tuple[str, ...]]:
+        """The first ``samples`` test images (0: all) as uint8 on the device, labels, class names."""
+        ds = load_dataset(self.cfg.dataset, data_dir or self.cfg.data_dir, download=self.cfg.download)
+        n = samples or len(ds.test_y)
+        return ds.test_x[:n].to(self.device), ds.test_y[:n].to(self.device), ds.classes

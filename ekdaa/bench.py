@@ -1,0 +1,233 @@
+"""Training-step benchmark of the learning rules on the authors' CIFAR-10 network.
+
+``python -m ekdaa.bench`` times one full training step (forward, cross-entropy,
+backward, SGD-momentum step, ``zero_grad(set_to_none=True)``) of each rule on
+``paper-cnn`` (tanh, 3x32x32 inputs, 10 classes), with random data fixed in memory
+and, by default, channels_last model and inputs. Rules alternate in one process:
+each repeat times a block of ``--steps`` steps of every rule in turn (after
+warm-up), and a rule's ms/step is the median over its blocks, so machine noise
+falls on all rules alike. Ratios are to ``bp``, which is always run.
+
+What "memory" means:
+
+* CPU: the bytes of the distinct tensor storages that autograd saves for backward
+  during one step's forward pass (seen through
+  ``torch.autograd.graph.saved_tensors_hooks``), not counting the model's
+  parameters and buffers or the input batch. This is the activation memory a
+  step holds at its peak (the end of the forward pass) and is what differs
+  between rules; gradients, optimizer state and backward temporaries are left out.
+* CUDA: ``torch.cuda.max_memory_allocated`` during one step minus the memory
+  allocated before it (activations, gradients and temporaries).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .models import build_model
+from .rules import RULES, convert, param_groups
+
+INPUT_SHAPE = (3, 32, 32)
+NUM_CLASSES = 10
+LR = 0.01
+WARMUP_STEPS = 3
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
+MEMORY = {
+    "cpu": "bytes of distinct tensor storages saved for backward in one step "
+           "(activations; parameters, buffers and the input excluded)",
+    "cuda": "peak torch.cuda.max_memory_allocated during one step minus memory allocated before it",
+}
+
+
+class _Setup:
+    """One rule's converted model, optimizer and fixed batch, with its training step."""
+
+    def __init__(self, rule: str, batch: int, device: torch.device, amp: str,
+                 channels_last: bool) -> None:
+        torch.manual_seed(0)  # same data and same W for every rule
+        x = torch.randn(batch, *INPUT_SHAPE)
+        y = torch.randint(NUM_CLASSES, (batch,))
+        model = build_model("paper-cnn", INPUT_SHAPE, NUM_CLASSES, activation="tanh")
+        model = convert(model, rule, example_input=x)  # on CPU: DFA draws its feedback there
+        fmt = torch.channels_last if channels_last else torch.preserve_format
+        self.model = model.to(device=device, memory_format=fmt).train()
+        self.x, self.y = x.to(device=device, memory_format=fmt), y.to(device)
+        self.opt = torch.optim.SGD(param_groups(self.model, lr=LR), lr=LR, momentum=0.9)
+        self.device, self.dtype = device, AMP_DTYPES[amp]
+
+    def step(self) -> None:
+        """One training step; gradients are released at the end."""
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+        with autocast:
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def time_block(self, steps: int) -> float:
+        """Mean milliseconds per step over ``steps`` consecutive steps."""
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _sync(self.device)
+        return (time.perf_counter() - start) * 1e3 / steps
+
+    def memory(self) -> int:
+        """Bytes one step needs, as defined in the module docstring."""
+        if self.device.type == "cuda":
+            _sync(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.step()
+            _sync(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        resident = {_storage(t)[0] for t in (*self.model.parameters(), *self.model.buffers(), self.x)}
+        saved: dict[int, int] = {}
+
+        def pack(t: Tensor) -> Tensor:
+            ptr, nbytes = _storage(t)
+            if ptr not in resident:
+                saved[ptr] = nbytes
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.step()
+        return sum(saved.values())
+
+
+def _storage(t: Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: int,
+        device: str | torch.device = "cpu", amp: str = "none",
+        channels_last: bool = True) -> list[dict[str, Any]]:
+    """Benchmark ``rules`` (plus ``bp``, listed first) at each batch size.
+
+    Returns one row per (batch, rule): ``rule``, ``batch``, ``ms`` (median ms/step),
+    ``images_per_s``, ``ratio_to_bp`` (ms) and ``mem_ratio_to_bp``.
+    """
+    unknown = [r for r in rules if r not in RULES]
+    if unknown:
+        raise ValueError(f"unknown rules {unknown}: choose from {', '.join(RULES)}")
+    if min(batch_sizes, default=0) < 1 or steps < 1 or repeats < 1:
+        raise ValueError("batch sizes, steps and repeats must be positive")
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"unknown amp {amp!r}: choose one of {', '.join(AMP_DTYPES)}")
+    device = torch.device(device)
+    names = list(dict.fromkeys(["bp", *rules]))
+    rows: list[dict[str, Any]] = []
+    for batch in batch_sizes:
+        setups = {name: _Setup(name, batch, device, amp, channels_last) for name in names}
+        for setup in setups.values():
+            for _ in range(WARMUP_STEPS):
+                setup.step()
+        memory = {name: setup.memory() for name, setup in setups.items()}
+        blocks: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(repeats):
+            for name, setup in setups.items():
+                blocks[name].append(setup.time_block(steps))
+        ms = {name: statistics.median(times) for name, times in blocks.items()}
+        rows += [dict(rule=name, batch=batch, ms=round(ms[name], 3),
+                      images_per_s=round(batch * 1e3 / ms[name], 1),
+                      ratio_to_bp=round(ms[name] / ms["bp"], 3),
+                      mem_ratio_to_bp=round(memory[name] / memory["bp"], 3)) for name in names]
+    return rows
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _rule_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if name not in RULES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown rule(s) {', '.join(bad) or repr(text)}: "
+                                         f"valid rules are {', '.join(RULES)}")
+    return names
+
+
+def _batch_list(text: str) -> list[int]:
+    try:
+        return [_positive(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        message = f"invalid batch sizes {text!r}: give positive integers separated by commas, e.g. 50,256"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ekdaa.bench", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--rules", type=_rule_list, default=list(RULES),
+                        help=f"comma list from {', '.join(RULES)}; bp is always included")
+    parser.add_argument("--batch-sizes", type=_batch_list, default=[50, 256], help="comma list")
+    parser.add_argument("--steps", type=_positive, default=5, help="timed steps per block")
+    parser.add_argument("--repeats", type=_positive, default=5, help="blocks per rule")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--amp", choices=list(AMP_DTYPES), default="none",
+                        help="bf16: forward and loss under torch.autocast")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="keep model and inputs contiguous (NCHW)")
+    parser.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _format_table(rows: list[dict[str, Any]]) -> str:
+    header = f"{'rule':<14} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'ratio to bp':>11} {'mem ratio':>9}"
+    lines = [header, "-" * len(header)]
+    lines += [f"{r['rule']:<14} {r['batch']:>5} {r['ms']:>9.2f} {r['images_per_s']:>9.1f} "
+              f"{r['ratio_to_bp']:>11.2f} {r['mem_ratio_to_bp']:>9.2f}" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point (``python -m ekdaa.bench --help``)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = run(args.rules, args.batch_sizes, args.steps, args.repeats, device, args.amp,
+               args.channels_last)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    info = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "amp": args.amp, "channels_last": args.channels_last, "memory": MEMORY[device.type],
+            "rows": rows}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"device {name}, torch {info['torch']}, threads {info['threads']}, amp {args.amp}, "
+          f"channels_last {args.channels_last}, {args.steps} steps x {args.repeats} repeats (median)")
+    print(f"memory = {MEMORY[device.type]}")
+    print(_format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
