@@ -256,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ekdaa: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("ekdaa: interrupted; the checkpoint was saved: continue with --resume", file=sys.stderr)
+        print("ekdaa: interrupted (a single-process run with --out saved its checkpoint at the last step: "
+              "continue it with --resume)", file=sys.stderr)
         return 130
 
 

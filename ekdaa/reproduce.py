@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 
 from .data import DataError, load_dataset
 from .rules import RULES
-from .train import TrainConfig, TrainError, train
+from .train import Diverged, TrainConfig, TrainError, train
 
 try:
     import tomllib
@@ -125,7 +125,7 @@ def reproduce(suite_path: str | Path, datasets: list[str] | None = None, rules: 
     """Train every missing run of a suite; return the record folders of all its runs."""
     suite = load_suite(suite_path)
     name = suite["suite"]["name"]
-    done, skipped = [], {}
+    done, skipped, failed = [], {}, {}
     for run in plan(suite, datasets, rules, seeds, activations):
         ds = run.config.dataset
         record = Path(results) / name / ds / run.name
@@ -143,16 +143,22 @@ def reproduce(suite_path: str | Path, datasets: list[str] | None = None, rules: 
         cfg = dataclasses.replace(run.config, out=str(work), data_dir=data_dir, device=device)
         resume = (work / "checkpoint.pt").exists()
         log(f"{'resume' if resume else 'train'} {ds}/{run.name}")
-        train(cfg, resume=resume, log=log)
+        try:
+            train(cfg, resume=resume, log=log)
+        except Diverged as err:  # recorded for the report; the suite goes on
+            failed[f"{ds}/{run.name}"] = str(err)
+            log(f"diverged {ds}/{run.name}: {err}")
+            continue
         record.mkdir(parents=True, exist_ok=True)
         for file in ("config.json", "metrics.jsonl", "summary.json"):
             shutil.copy(work / file, record / file)
         (record / "provenance.json").write_text(json.dumps({**provenance(name), "label": run.label}, indent=2))
         done.append(record)
-    if skipped:
-        path = Path(results) / name / "skipped.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(skipped, indent=2) + "\n")
+    for file, notes in (("skipped.json", skipped), ("diverged.json", failed)):
+        if notes:
+            path = Path(results) / name / file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(notes, indent=2) + "\n")
     return done
 
 
@@ -187,6 +193,8 @@ def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> P
     """Write the results table (mean ± std over seeds per suite, dataset, row,
     activation) and learning-curve PNGs under ``results/figures``."""
     results = Path(results)
+    if not any(results.glob("*/*/*/summary.json")):
+        raise TrainError(f"no finished runs under {results}: run ekdaa reproduce first (or pass --results)")
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for rec in _records(results):
         s = rec["summary"]
@@ -218,6 +226,10 @@ def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> P
         if skipped.exists():
             for dataset, reason in json.loads(skipped.read_text()).items():
                 lines += [f"### {dataset}", "", f"Skipped: {reason}", ""]
+        diverged = results / suite / "diverged.json"
+        if diverged.exists():
+            lines += ["### Diverged runs", ""] + [f"- {run}: {why}" for run, why in
+                                                  json.loads(diverged.read_text()).items()] + [""]
     out = Path(out)
     out.write_text("\n".join(lines) + "\n")
     return out

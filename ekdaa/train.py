@@ -108,6 +108,13 @@ class TrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise TrainError(f"unknown config keys {unknown}: valid keys are {', '.join(sorted(names))}")
+        defaults = cls()
+        for key, value in values.items():
+            default = getattr(defaults, key)
+            want = (str, type(None)) if default is None else (int, float) if type(default) is float else type(default)
+            if not isinstance(value, want) or (isinstance(value, bool) and type(default) is not bool):
+                raise TrainError(f"config key {key} = {value!r} should be of type {type(default).__name__}"
+                                 f"{' or null' if default is None else ''}, like its default {default!r}")
         return cls(**values)
 
 
@@ -273,7 +280,7 @@ class Run:
         if resume:
             if self.out is None or not (self.out / "checkpoint.pt").exists():
                 raise TrainError(f"--resume: no checkpoint.pt in {self.out}: start the run without --resume")
-            state = load_checkpoint(self.out / "checkpoint.pt", self.device)
+            state = load_checkpoint(self.out / "checkpoint.pt")  # on the CPU: RNG states must stay there
             saved = TrainConfig.from_dict(state["config"])
             if cfg.epochs != saved.epochs and saved.lr_schedule != "none":
                 raise TrainError(f"--resume with --epochs {cfg.epochs} would change the run's "
@@ -287,13 +294,19 @@ class Run:
         if self.dist.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + self.dist.rank)
+        self.aug_gen = torch.Generator(device=self.device)  # reseeded every epoch: see train_epoch
+        if len(self.data.train[1]) < cfg.batch_size * self.dist.world:
+            raise TrainError(f"{len(self.data.train[1])} training images are fewer than one global batch "
+                             f"({self.dist.world} processes x batch {cfg.batch_size}): lower --batch-size")
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.running = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, seen
         self.history: list[dict[str, Any]] = []
         if state is not None:
             self._restore(state)
         elif self.out is not None and self.dist.is_main:
+            if (self.out / "checkpoint.pt").exists():
+                raise TrainError(f"{self.out} already holds a run: continue it with --resume or choose "
+                                 "another --out")
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(
                 dict(config=dataclasses.asdict(cfg), environment=environment()), indent=2) + "\n")
@@ -304,12 +317,10 @@ class Run:
         if self.sched is not None and state["scheduler"] is not None:
             self.sched.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
-        if self.step and state.get("world", 1) != self.dist.world:
-            raise TrainError(f"the checkpoint stopped mid-epoch with {state.get('world', 1)} processes: "
-                             f"resume it with that many (an epoch-end checkpoint resumes with any number)")
         self.running = state["running"].to(self.device)
         _set_rng_state(self.aug_gen, state["rng"], self.device)
-        lines = (self.out / "metrics.jsonl").read_text().splitlines()
+        metrics = self.out / "metrics.jsonl"  # absent if the run stopped in its first epoch
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
         self.history = [r for r in map(json.loads, filter(str.strip, lines)) if r["epoch"] <= self.epoch]
         if self.dist.is_main:
             self._write_metrics()
@@ -345,6 +356,8 @@ class Run:
 
     def train_epoch(self) -> None:
         self.model.train()
+        if self.step == 0:  # augmentation draws fixed by (seed, epoch, rank); mid-epoch: the saved state
+            self.aug_gen.manual_seed((self.cfg.seed * 1_000_003 + self.epoch) * 1_009 + self.dist.rank)
         n = len(self.data.train[1])
         global_batch = self.cfg.batch_size * self.dist.world
         n_steps = n // global_batch if self.dist.world > 1 else math.ceil(n / global_batch)
@@ -361,6 +374,7 @@ class Run:
                 bar.update(1)
                 if self.interrupted:  # Ctrl-C: stop at this step boundary, resumable exactly
                     self.seconds += time.perf_counter() - start
+                    self._check_finite(self.running[0])
                     self.checkpoint()
                     raise KeyboardInterrupt
         finally:
@@ -483,9 +497,10 @@ def load_model(checkpoint: str | os.PathLike, device: str = "auto") -> tuple[nn.
     cfg = TrainConfig.from_dict(state["config"])
     normalizer = Normalizer.from_state_dict(state["normalizer"]).to(dev)
     image_shape, num_classes = tuple(state["image_shape"]), state["num_classes"]
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, image_shape, num_classes, activation=cfg.activation, bias=cfg.bias)
-    model = convert(model, cfg.rule, example_input=torch.zeros(2, *image_shape), **cfg.rule_options())
+    with torch.random.fork_rng(devices=[]):  # the weights come from the checkpoint: leave the RNG alone
+        model = build_model(cfg.model, image_shape, num_classes, activation=cfg.activation, bias=cfg.bias)
+        model = convert(model, cfg.rule, example_input=torch.zeros(2, *image_shape), **cfg.rule_options())
+    model.image_shape, model.num_classes = image_shape, num_classes
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -502,6 +517,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     cfg = dataclasses.replace(cfg, dataset=dataset or cfg.dataset, data_dir=data_dir or cfg.data_dir,
                               train_subset=0)
     data = prepare_data(cfg, dev)
+    if (data.image_shape, data.num_classes) != (model.image_shape, model.num_classes):
+        raise TrainError(f"{cfg.dataset} has {data.num_classes} classes of {data.image_shape} images, but the "
+                         f"checkpoint's model takes {model.num_classes} classes of {model.image_shape}")
     pair = dict(train=data.train, val=data.val, test=data.test)[split]
     if pair is None:
         raise TrainError("split 'val' is empty: the run used val_split=0; use --split test")

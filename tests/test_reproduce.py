@@ -93,6 +93,12 @@ def test_interrupted_run_resumes(suite, tmp_path, monkeypatch):
     assert seen["resume"] is True
 
 
+def test_report_without_runs_is_an_error(tmp_path):
+    with pytest.raises(TrainError, match="no finished runs"):
+        rp.report(tmp_path / "nothing", tmp_path / "RESULTS.md")
+    assert not (tmp_path / "RESULTS.md").exists()
+
+
 def test_bad_suites(tmp_path):
     with pytest.raises(TrainError, match="does not exist"):
         rp.load_suite(tmp_path / "nope.toml")

@@ -90,6 +90,32 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(tmp_path):
     assert all(torch.equal(full[k], cut[k]) for k in full)
 
 
+def test_ctrl_c_in_the_first_epoch_resumes(tmp_path):
+    train(tiny(tmp_path, "full", epochs=1), log=lambda s: None)
+    run = Run(tiny(tmp_path, "cut", epochs=1), log=lambda s: None)
+    step = run._step
+
+    def ctrl_c_during(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return step(*a, **k)
+
+    run._step = ctrl_c_during
+    with pytest.raises(KeyboardInterrupt):
+        run.fit()
+    assert not (tmp_path / "cut" / "metrics.jsonl").exists()
+    train(tiny(tmp_path, "cut", epochs=1), resume=True, log=lambda s: None)
+    full, cut = params(tmp_path / "full" / "checkpoint.pt"), params(tmp_path / "cut" / "checkpoint.pt")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    train(tiny(tmp_path, epochs=1), log=lambda s: None)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(TrainError, match="already holds a run.*--resume"):
+        train(tiny(tmp_path, epochs=1), log=lambda s: None)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny(tmp_path, epochs=1)
     train(cfg, log=lambda s: None)
@@ -175,11 +201,16 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
-def test_unknown_config_key(tmp_path, capsys):
+@pytest.mark.parametrize("text,message", [
+    ("learning_rate = 0.1\n", "unknown config keys ['learning_rate']"),
+    ('epochs = "ten"\n', "epochs = 'ten' should be of type int"),
+    ("augment = 1\n", "augment = 1 should be of type bool"),
+])
+def test_bad_config_files(tmp_path, capsys, text, message):
     toml = tmp_path / "bad.toml"
-    toml.write_text("learning_rate = 0.1\n")
+    toml.write_text(text)
     assert main(["train", "--config", str(toml)]) == 1
-    assert "unknown config keys ['learning_rate']" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["eval"]])

@@ -60,6 +60,7 @@ def param_groups(model: nn.Module, lr: float, **group_options: Any) -> list[dict
     other parameter gets ``lr``. ``group_options`` (e.g. ``weight_decay``) apply to
     all groups. Use as ``torch.optim.SGD(ekdaa.param_groups(model, lr=0.01), lr=0.01)``.
     """
+    model = getattr(model, "module", model)  # a DistributedDataParallel wrapper
     rule = getattr(model, "ekdaa_rule", None)
     feedback = _learned_feedback(model, rule)
     ids = {id(p) for p in feedback}

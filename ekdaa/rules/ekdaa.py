@@ -50,8 +50,9 @@ class _ErrorMapFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         h, z = ctx.saved_tensors
-        if h.dtype in (torch.float16, torch.bfloat16):  # the error map is a small difference
-            h, z, grad = h.float(), z.float(), grad.float()
+        if h.dtype in (torch.float16, torch.bfloat16):  # the error map is a small difference:
+            h, grad = h.float(), grad.float()          # take both of its terms in float32
+            z = ctx.f(h)
         n = h.shape[0] if ctx.per_sample else 1  # grad = d / n under a batch-mean loss
         step = ctx.beta * n
         if ctx.error_norm == "max":  # d / max(1, max|d|), per sample
