@@ -108,9 +108,13 @@ def plan(suite: dict[str, Any], datasets: list[str] | None = None, rules: list[s
 
 
 def provenance(suite: str) -> dict[str, Any]:
+    """Where a run comes from: the commit (``+dirty`` with uncommitted changes) and machine."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+        git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True,  # noqa: E731
+                                           timeout=10).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD") or None
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
         commit = None
     return dict(suite=suite, commit=commit, machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -126,6 +130,7 @@ def reproduce(suite_path: str | Path, datasets: list[str] | None = None, rules: 
     suite = load_suite(suite_path)
     name = suite["suite"]["name"]
     done, skipped, failed = [], {}, {}
+    origin = provenance(name)  # the code this process runs
     for run in plan(suite, datasets, rules, seeds, activations):
         ds = run.config.dataset
         record = Path(results) / name / ds / run.name
@@ -152,7 +157,7 @@ def reproduce(suite_path: str | Path, datasets: list[str] | None = None, rules: 
         record.mkdir(parents=True, exist_ok=True)
         for file in ("config.json", "metrics.jsonl", "summary.json"):
             shutil.copy(work / file, record / file)
-        (record / "provenance.json").write_text(json.dumps({**provenance(name), "label": run.label}, indent=2))
+        (record / "provenance.json").write_text(json.dumps({**origin, "label": run.label}, indent=2))
         done.append(record)
     for file, notes in (("skipped.json", skipped), ("diverged.json", failed)):
         if notes:
