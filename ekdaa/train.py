@@ -392,8 +392,9 @@ class Run:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        self.running += torch.stack([loss.detach().double() * len(yb), (logits.argmax(1) == yb).sum().double(),
-                                     torch.tensor(float(len(yb)), dtype=torch.float64, device=self.device)])
+        self.running[0] += loss.detach().double() * len(yb)  # in place: no host tensor per step
+        self.running[1] += (logits.argmax(1) == yb).sum()
+        self.running[2] += len(yb)
         self.step += 1
 
     def fit(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 subclass. Adding a rule = one new file in this package + one line below."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+import inspect
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -33,7 +34,6 @@ def make_rule(rule: str, **options: Any) -> Rule:
     try:
         return RULES[rule](**options)
     except TypeError as err:
-        import inspect
         valid = [p for p in inspect.signature(RULES[rule]).parameters]
         raise ConversionError(f"rule {rule!r} does not take options {sorted(options)}: "
                               f"its options are {valid or 'none'}") from err
