@@ -227,7 +227,7 @@ def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> P
                     f"{statistics.mean(s['seconds'] for s in summ):.0f} | "
                     f"{statistics.mean(s['images_per_s'] or 0 for s in summ):.0f} | {prov['commit']} | "
                     f"{prov['machine']}, {prov['cpus']} cpus |")
-            lines.append("")
+            lines += [""] + _best_by_validation({k: groups[k] for k in keys})
         if skipped.exists():
             for dataset, reason in json.loads(skipped.read_text()).items():
                 lines += [f"### {dataset}", "", f"Skipped: {reason}", ""]
@@ -238,6 +238,19 @@ def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> P
     out = Path(out)
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _best_by_validation(rows: dict[tuple, list[dict[str, Any]]]) -> list[str]:
+    """Where a rule has several rows (a sweep), name the one with the best mean
+    validation accuracy per rule and activation: the choice never looks at test."""
+    scores: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for (_, _, label, activation), recs in rows.items():
+        vals = [r["summary"]["val_accuracy"] for r in recs if r["summary"]["val_accuracy"] is not None]
+        if vals:
+            scores.setdefault((recs[0]["summary"]["rule"], activation), []).append((statistics.mean(vals), label))
+    chosen = [f"- {rule} ({activation}): `{max(s)[1]}`, validation {100 * max(s)[0]:.2f} % (best of {len(s)} rows)"
+              for (rule, activation), s in sorted(scores.items()) if len(s) > 1]
+    return ["Chosen on validation accuracy (never test):", ""] + chosen + [""] if chosen else []
 
 
 def _curves(results: Path, suite: str, dataset: str, rows: dict[str, list[dict[str, Any]]]) -> Path:

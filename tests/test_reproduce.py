@@ -106,3 +106,34 @@ def test_bad_suites(tmp_path):
     bad.write_text('[suite]\ndatasets = ["digits"]\nrules = ["backprop"]\n')
     with pytest.raises(TrainError, match="unknown rules \\['backprop'\\]"):
         rp.plan(rp.load_suite(bad))
+
+
+def _record(results, label, rule, val, test):
+    folder = results / "sweep" / "digits" / f"{label}-tanh-s0-0000000000"
+    folder.mkdir(parents=True)
+    summary = dict(rule=rule, activation="tanh", epochs=1, seed=0, train_accuracy=0.5, val_accuracy=val,
+                   test_accuracy=test, seconds=1.0, images_per_s=10.0)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "provenance.json").write_text(json.dumps(dict(label=label, commit="abc", machine="m", cpus=2)))
+    (folder / "metrics.jsonl").write_text(json.dumps(dict(epoch=1, test_accuracy=test)) + "\n")
+
+
+def test_report_chooses_each_rules_row_on_validation_not_test(tmp_path):
+    results = tmp_path / "results"
+    _record(results, "bp-lr0.1", "bp", val=0.80, test=0.95)
+    _record(results, "bp-lr0.01", "bp", val=0.90, test=0.85)
+    _record(results, "ekdaa-lr0.1", "ekdaa", val=0.70, test=0.70)
+    _record(results, "ekdaa-beta2", "ekdaa", val=0.75, test=0.60)
+    _record(results, "fa", "fa", val=0.99, test=0.99)  # a single row: nothing to choose
+    text = rp.report(results, tmp_path / "RESULTS.md").read_text()
+    assert "- bp (tanh): `bp-lr0.01`, validation 90.00 % (best of 2 rows)" in text
+    assert "- ekdaa (tanh): `ekdaa-beta2`, validation 75.00 % (best of 2 rows)" in text
+    assert "- fa (tanh)" not in text
+
+
+@pytest.mark.parametrize("name", ["cpu", "paper", "sweep-cpu", "sign-cpu"])
+def test_shipped_suites_plan(name):
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "configs" / "suites" / f"{name}.toml"
+    runs = rp.plan(rp.load_suite(path))
+    assert runs and len({r.key for r in runs}) == len(runs)
