@@ -278,13 +278,20 @@ def test_download_fetches_missing_files_with_md5(tmp_path: Path, monkeypatch: py
 def test_download_failures_become_data_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, needles: tuple[str, ...]
 ) -> None:
-    def failing_retrieve(url: str, **_: object) -> str:
+    def failing_retrieve(url: str, path: Path, **_: object) -> str:
+        Path(path).mkdir(parents=True, exist_ok=True)  # as pooch does before fetching
         raise error
 
     monkeypatch.setattr(pooch, "retrieve", failing_retrieve)
     with pytest.raises(DataError) as excinfo:
         load_dataset("svhn", tmp_path, download=True)
     assert_names(excinfo, str(tmp_path / "svhn" / "train_32x32.mat"), "ufldl.stanford.edu", *needles)
+    assert not (tmp_path / "svhn").exists()  # the folder the download made is gone again
+    (tmp_path / "svhn").mkdir()
+    (tmp_path / "svhn" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError):
+        load_dataset("svhn", tmp_path, download=True)
+    assert (tmp_path / "svhn" / "notes.txt").read_text() == "mine"  # a folder that was there stays
 
 
 def test_cache_dir_comes_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -79,6 +79,7 @@ class DataStore:
 
     @staticmethod
     def _download(remote: RemoteFile, path: Path) -> Path:
+        created = not path.parent.exists()
         try:
             pooch.retrieve(
                 remote.url,
@@ -87,13 +88,16 @@ class DataStore:
                 path=path.parent,
                 progressbar=True,
             )
-        except ValueError as err:  # pooch's checksum mismatch (the bad download is deleted)
-            raise DataError(
-                f"{path}: the download from {remote.url} failed its checksum ({one_line(err)}); "
-                "retry, or put a verified copy there"
-            ) from err
-        except OSError as err:  # network (requests' errors are OSErrors) or file system
-            raise DataError(
+        except (ValueError, OSError) as err:
+            if created:  # leave no empty dataset folder behind
+                with suppress(OSError):
+                    path.parent.rmdir()
+            if isinstance(err, ValueError):  # pooch's checksum mismatch (the bad download is deleted)
+                raise DataError(
+                    f"{path}: the download from {remote.url} failed its checksum ({one_line(err)}); "
+                    "retry, or put a verified copy there"
+                ) from err
+            raise DataError(  # network (requests' errors are OSErrors) or file system
                 f"cannot download {remote.url}: {one_line(err)}; put the file at {path} "
                 "or pass --data-dir pointing at a folder that holds it"
             ) from err
