@@ -46,8 +46,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help=f"random: Glorot, no weight transport; transpose: E = W at init (default {d.error_kernel_init})")
     g.add_argument("--pool-routing", choices=("max", "bilinear"),
                    help=f"how d passes max-pools (default {d.pool_routing})")
-    g.add_argument("--error-norm", choices=("none", "max"),
-                   help=f"divide each sample's d by max|d| when > 1 (default {d.error_norm})")
+    g.add_argument("--error-norm", choices=("none", "max", "relative"),
+                   help="max: divide each sample's d by max|d| when > 1; relative: multiply it by the RMS of "
+                   f"the sample's h (default {d.error_norm})")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="folder with one sub-folder per dataset (fashion-mnist/, cifar-10/, "
                    "svhn/); default: $EKDAA_DATA or the user cache, downloading what is missing")

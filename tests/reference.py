@@ -123,6 +123,8 @@ def reference_grads(layers: list[nn.Module], rule: str, x: Tensor, y: Tensor, *,
             if error_norm == "max":
                 peak = d.abs().reshape(n, -1).amax(1).clamp_min(1).view(n, *[1] * (d.dim() - 1))
                 d = d / peak
+            elif error_norm == "relative":
+                d = d * inp.pow(2).reshape(n, -1).mean(1).sqrt().view(n, *[1] * (d.dim() - 1))
             d = out - _f(layer, inp - beta * d)
         elif rule == "dfa":
             b = direct[i]

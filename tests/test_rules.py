@@ -96,7 +96,7 @@ def test_grads_match_reference(rule, pool, padding):
 
 @pytest.mark.parametrize("options", [
     dict(pool_routing="bilinear"), dict(error_norm="max"), dict(beta=3.0), dict(error_kernel_init="transpose"),
-    dict(pool_routing="bilinear", error_norm="max", beta=0.2)])
+    dict(error_norm="relative"), dict(pool_routing="bilinear", error_norm="max", beta=0.2)])
 @pytest.mark.parametrize("act", [nn.Tanh, ekdaa.Sign, nn.ReLU])
 def test_ekdaa_options_match_reference(options, act):
     torch.manual_seed(4)

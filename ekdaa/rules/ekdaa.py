@@ -58,6 +58,8 @@ class _ErrorMapFn(torch.autograd.Function):
         if ctx.error_norm == "max":  # d / max(1, max|d|), per sample
             peak = grad.abs().amax(dim=tuple(range(1, grad.dim())), keepdim=True) * n
             grad = grad / peak.clamp_min(1.0)
+        elif ctx.error_norm == "relative":  # d * rms(h), per sample: beta on the pre-activation's scale
+            grad = grad * h.square().mean(dim=tuple(range(1, h.dim())), keepdim=True).sqrt()
         h_target = torch.add(h, grad, alpha=-step)  # h~ = h - beta * d, the one new tensor
         if ctx.f is torch.tanh:
             # tanh(u) = 2 sigmoid(2u) - 1 (sigmoid is the faster kernel on CPU), so
@@ -117,9 +119,11 @@ class EKDAA(Rule):
             ever) or ``transpose`` (E starts as a copy of W, as the authors' code does).
         pool_routing: through max-pools, ``max`` sends d to the unit that won the max;
             ``bilinear`` upsamples d bilinearly to the pool's input (authors' code).
-        error_norm: ``none``, or ``max``: divide each sample's d by its largest
+        error_norm: ``none``; ``max``: divide each sample's d by its largest
             magnitude when that exceeds 1, at every activation (authors' code does
-            this for conv layers).
+            this for conv layers); ``relative``: multiply each sample's d by the RMS of
+            its pre-activation h, so beta is a fraction of h's scale (for ``sign``, whose
+            output ignores that scale, the target then no longer depends on W's norm).
         loss_reduction: ``mean`` if the loss averages over the batch (the default of
             ``F.cross_entropy``), ``sum`` if it sums.
     """
@@ -132,7 +136,7 @@ class EKDAA(Rule):
                  pool_routing: str = "max", error_norm: str = "none", loss_reduction: str = "mean"):
         check_choice("error_kernel_init", error_kernel_init, ("random", "transpose"))
         check_choice("pool_routing", pool_routing, ("max", "bilinear"))
-        check_choice("error_norm", error_norm, ("none", "max"))
+        check_choice("error_norm", error_norm, ("none", "max", "relative"))
         check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
