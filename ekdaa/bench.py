@@ -52,7 +52,7 @@ class _Setup:
     """One rule's converted model, optimizer and fixed batch, with its training step."""
 
     def __init__(self, rule: str, batch: int, device: torch.device, amp: str,
-                 channels_last: bool) -> None:
+                 channels_last: bool, compile: bool = False) -> None:
         torch.manual_seed(0)  # same data and same W for every rule
         x = torch.randn(batch, *INPUT_SHAPE)
         y = torch.randint(NUM_CLASSES, (batch,))
@@ -60,6 +60,7 @@ class _Setup:
         model = convert(model, rule, example_input=x)  # on CPU: DFA draws its feedback there
         fmt = torch.channels_last if channels_last else torch.preserve_format
         self.model = model.to(device=device, memory_format=fmt).train()
+        self.forward = torch.compile(self.model) if compile else self.model
         self.x, self.y = x.to(device=device, memory_format=fmt), y.to(device)
         self.opt = torch.optim.SGD(param_groups(self.model, lr=LR), lr=LR, momentum=0.9)
         self.device, self.dtype = device, AMP_DTYPES[amp]
@@ -68,7 +69,7 @@ class _Setup:
         """One training step; gradients are released at the end."""
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with autocast:
-            loss = F.cross_entropy(self.model(self.x), self.y)
+            loss = F.cross_entropy(self.forward(self.x), self.y)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -117,7 +118,7 @@ def _sync(device: torch.device) -> None:
 
 def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: int,
         device: str | torch.device = "cpu", amp: str = "none",
-        channels_last: bool = True) -> list[dict[str, Any]]:
+        channels_last: bool = True, compile: bool = False) -> list[dict[str, Any]]:
     """Benchmark ``rules`` (plus ``bp``, listed first) at each batch size.
 
     Returns one row per (batch, rule): ``rule``, ``batch``, ``ms`` (median ms/step),
@@ -134,7 +135,7 @@ def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: i
     names = list(dict.fromkeys(["bp", *rules]))
     rows: list[dict[str, Any]] = []
     for batch in batch_sizes:
-        setups = {name: _Setup(name, batch, device, amp, channels_last) for name in names}
+        setups = {name: _Setup(name, batch, device, amp, channels_last, compile) for name in names}
         for setup in setups.values():
             for _ in range(WARMUP_STEPS):
                 setup.step()
@@ -192,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="bf16: forward and loss under torch.autocast")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                         help="keep model and inputs contiguous (NCHW)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each rule's model")
     parser.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -215,16 +217,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = run(args.rules, args.batch_sizes, args.steps, args.repeats, device, args.amp,
-               args.channels_last)
+               args.channels_last, args.compile)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "amp": args.amp, "channels_last": args.channels_last, "memory": MEMORY[device.type],
+            "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+            "memory": MEMORY[device.type],
             "rows": rows}
     if args.json:
         print(json.dumps(info, indent=2))
         return
     print(f"device {name}, torch {info['torch']}, threads {info['threads']}, amp {args.amp}, "
-          f"channels_last {args.channels_last}, {args.steps} steps x {args.repeats} repeats (median)")
+          f"channels_last {args.channels_last}, compile {args.compile}, {args.steps} steps x {args.repeats} "
+          "repeats (median)")
     print(f"memory = {MEMORY[device.type]}")
     print(_format_table(rows))
 

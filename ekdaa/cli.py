@@ -65,6 +65,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--amp", choices=AMP, help="bf16 autocast for the forward pass (default none)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory format")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model for training steps (needs a C++ compiler on CPU; default off)")
     g.add_argument("--eval-batch-size", type=int, help=f"batch size for evaluation (default {d.eval_batch_size})")
     g.add_argument("--track-alignment", action=argparse.BooleanOptionalAction,
                    help="log per-layer angles (feedback vs W, update vs backprop) to metrics.jsonl each epoch")

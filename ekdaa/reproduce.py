@@ -48,7 +48,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 #: Fields that do not change what a run computes, left out of its identity.
-NOT_IDENTITY = ("out", "device", "data_dir", "download", "eval_batch_size", "extra")
+NOT_IDENTITY = ("out", "device", "data_dir", "download", "eval_batch_size", "extra", "compile")
 
 
 @dataclasses.dataclass

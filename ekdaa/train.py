@@ -78,6 +78,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"
     channels_last: bool = False
+    compile: bool = False  # torch.compile the training step's model (evaluation stays eager)
     eval_batch_size: int = 1000
     track_alignment: bool = False  # log per-layer feedback/update angles each epoch (ekdaa.analysis)
     out: str | None = None
@@ -286,7 +287,7 @@ class Run:
                 raise TrainError(f"--resume with --epochs {cfg.epochs} would change the run's "
                                  f"{saved.lr_schedule} schedule over {saved.epochs} epochs: keep --epochs "
                                  f"{saved.epochs} or start a new run")
-            saved.epochs, saved.device, saved.out = cfg.epochs, cfg.device, cfg.out
+            saved.epochs, saved.device, saved.out, saved.compile = cfg.epochs, cfg.device, cfg.out, cfg.compile
             self.cfg = cfg = saved
         self.data = prepare_data(cfg, self.device)
         self.model, self.opt, self.sched = build(cfg, self.data, self.device)
@@ -294,6 +295,8 @@ class Run:
         if self.dist.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         self.aug_gen = torch.Generator(device=self.device)  # reseeded every epoch: see train_epoch
         if len(self.data.train[1]) < cfg.batch_size * self.dist.world:
             raise TrainError(f"{len(self.data.train[1])} training images are fewer than one global batch "

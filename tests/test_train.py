@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 
 import pytest
@@ -223,3 +224,16 @@ def test_help_is_complete(command, capsys):
                                                              "--data-dir", "--val-split", "--augment"],
                 ("eval",): ["--checkpoint", "--dataset"]}[tuple(command)]
     assert all(word in text for word in expected)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_matches_eager(tmp_path):
+    """--compile trains the same network: EKDAA's error map and the feedback layers survive
+    inductor (torch 2.13 mis-compiled torch.add(..., alpha=) in the error map)."""
+    kw = dict(model="small-cnn", epochs=1, train_subset=64, batch_size=16, lr=0.05)
+    train(tiny(tmp_path, "eager", **kw), log=lambda s: None)
+    train(tiny(tmp_path, "compiled", compile=True, **kw), log=lambda s: None)
+    pe, pc = params(tmp_path / "eager" / "checkpoint.pt"), params(tmp_path / "compiled" / "checkpoint.pt")
+    assert pe.keys() == pc.keys()  # checkpoints hold the plain model's names, not torch.compile's
+    for k in pe:
+        torch.testing.assert_close(pc[k], pe[k], rtol=1e-4, atol=1e-5, msg=k)
