@@ -15,7 +15,7 @@ from ekdaa.train import Diverged, Run, TrainConfig, TrainError, load_checkpoint,
 
 
 def tiny(tmp_path, name="run", **kw) -> TrainConfig:
-    base = dict(dataset="digits", model="mlp", rule="ekdaa", epochs=2, batch_size=32, lr=0.05,
+    base = dict(dataset="digits", model="mlp", rule="ekdaa", epochs=2, batch_size=32, optimizer="sgd", lr=0.05,
                 train_subset=320, val_split=100, out=str(tmp_path / name), device="cpu")
     base.update(kw)
     return TrainConfig(**base)
