@@ -242,12 +242,17 @@ def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> P
 
 def _best_by_validation(rows: dict[tuple, list[dict[str, Any]]]) -> list[str]:
     """Where a rule has several rows (a sweep), name the one with the best mean
-    validation accuracy per rule and activation: the choice never looks at test."""
+    validation accuracy per rule and activation: the choice never looks at test. EKDAA
+    with E = W at initialisation transports weights, so it is chosen among its own rows."""
     scores: dict[tuple[str, str], list[tuple[float, str]]] = {}
     for (_, _, label, activation), recs in rows.items():
         vals = [r["summary"]["val_accuracy"] for r in recs if r["summary"]["val_accuracy"] is not None]
+        summary = recs[0]["summary"]
+        method = summary["rule"]
+        if summary.get("rule_options", {}).get("error_kernel_init") == "transpose":
+            method += " (E = W at init)"
         if vals:
-            scores.setdefault((recs[0]["summary"]["rule"], activation), []).append((statistics.mean(vals), label))
+            scores.setdefault((method, activation), []).append((statistics.mean(vals), label))
     chosen = [f"- {rule} ({activation}): `{max(s)[1]}`, validation {100 * max(s)[0]:.2f} % (best of {len(s)} rows)"
               for (rule, activation), s in sorted(scores.items()) if len(s) > 1]
     return ["Chosen on validation accuracy (never test):", ""] + chosen + [""] if chosen else []

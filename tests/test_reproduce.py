@@ -108,11 +108,11 @@ def test_bad_suites(tmp_path):
         rp.plan(rp.load_suite(bad))
 
 
-def _record(results, label, rule, val, test):
+def _record(results, label, rule, val, test, **rule_options):
     folder = results / "sweep" / "digits" / f"{label}-tanh-s0-0000000000"
     folder.mkdir(parents=True)
     summary = dict(rule=rule, activation="tanh", epochs=1, seed=0, train_accuracy=0.5, val_accuracy=val,
-                   test_accuracy=test, seconds=1.0, images_per_s=10.0)
+                   test_accuracy=test, seconds=1.0, images_per_s=10.0, rule_options=rule_options)
     (folder / "summary.json").write_text(json.dumps(summary))
     (folder / "provenance.json").write_text(json.dumps(dict(label=label, commit="abc", machine="m", cpus=2)))
     (folder / "metrics.jsonl").write_text(json.dumps(dict(epoch=1, test_accuracy=test)) + "\n")
@@ -124,6 +124,7 @@ def test_report_chooses_each_rules_row_on_validation_not_test(tmp_path):
     _record(results, "bp-lr0.01", "bp", val=0.90, test=0.85)
     _record(results, "ekdaa-lr0.1", "ekdaa", val=0.70, test=0.70)
     _record(results, "ekdaa-beta2", "ekdaa", val=0.75, test=0.60)
+    _record(results, "ekdaa-transpose", "ekdaa", val=0.95, test=0.95, error_kernel_init="transpose")
     _record(results, "fa", "fa", val=0.99, test=0.99)  # a single row: nothing to choose
     text = rp.report(results, tmp_path / "RESULTS.md").read_text()
     assert "- bp (tanh): `bp-lr0.01`, validation 90.00 % (best of 2 rows)" in text
