@@ -196,7 +196,8 @@ def _mean_std(values: list[float]) -> str:
 
 def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> Path:
     """Write the results table (mean ± std over seeds per suite, dataset, row,
-    activation) and learning-curve PNGs under ``results/figures``."""
+    activation) and learning-curve PNGs under ``results/figures``. A suite's
+    ``results/SUITE/NOTES.md``, if any, is quoted under its heading."""
     results = Path(results)
     if not any(results.glob("*/*/*/summary.json")):
         raise TrainError(f"no finished runs under {results}: run ekdaa reproduce first (or pass --results)")
@@ -209,6 +210,9 @@ def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> P
              "train accuracy is the running mean over the last epoch).", ""]
     for suite in sorted({k[0] for k in groups}):
         lines += [f"## Suite `{suite}`", ""]
+        notes = results / suite / "NOTES.md"  # hand-written: what the rows show, targets met or missed
+        if notes.exists():
+            lines += [notes.read_text().strip(), ""]
         skipped = results / suite / "skipped.json"
         for dataset in sorted({k[1] for k in groups if k[0] == suite}):
             keys = sorted((k for k in groups if k[:2] == (suite, dataset)), key=lambda k: (k[3], k[2]))

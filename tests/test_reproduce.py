@@ -126,7 +126,9 @@ def test_report_chooses_each_rules_row_on_validation_not_test(tmp_path):
     _record(results, "ekdaa-beta2", "ekdaa", val=0.75, test=0.60)
     _record(results, "ekdaa-transpose", "ekdaa", val=0.95, test=0.95, error_kernel_init="transpose")
     _record(results, "fa", "fa", val=0.99, test=0.99)  # a single row: nothing to choose
+    (results / "sweep" / "NOTES.md").write_text("Adam won.\n")
     text = rp.report(results, tmp_path / "RESULTS.md").read_text()
+    assert "## Suite `sweep`\n\nAdam won.\n" in text
     assert "- bp (tanh): `bp-lr0.01`, validation 90.00 % (best of 2 rows)" in text
     assert "- ekdaa (tanh): `ekdaa-beta2`, validation 75.00 % (best of 2 rows)" in text
     assert "- fa (tanh)" not in text
