@@ -119,10 +119,11 @@ def _sync(device: torch.device) -> None:
 def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: int,
         device: str | torch.device = "cpu", amp: str = "none",
         channels_last: bool = True, compile: bool = False) -> list[dict[str, Any]]:
-    """Benchmark ``rules`` (plus ``bp``, listed first) at each batch size.
+    """Benchmark ``rules`` (plus ``bp``, listed first) at each batch size; with
+    ``compile``, each rule also runs ``torch.compile``'d, as row ``RULE+compile``.
 
-    Returns one row per (batch, rule): ``rule``, ``batch``, ``ms`` (median ms/step),
-    ``images_per_s``, ``ratio_to_bp`` (ms) and ``mem_ratio_to_bp``.
+    Returns one row per (batch, row): ``rule``, ``batch``, ``ms`` (median ms/step),
+    ``images_per_s``, ``ratio_to_bp`` (ms, to eager bp) and ``mem_ratio_to_bp``.
     """
     unknown = [r for r in rules if r not in RULES]
     if unknown:
@@ -133,9 +134,14 @@ def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: i
         raise ValueError(f"unknown amp {amp!r}: choose one of {', '.join(AMP_DTYPES)}")
     device = torch.device(device)
     names = list(dict.fromkeys(["bp", *rules]))
+    variants = {name: (name, False) for name in names}
+    if compile:
+        variants.update({f"{name}+compile": (name, True) for name in names})
+    names = list(variants)
     rows: list[dict[str, Any]] = []
     for batch in batch_sizes:
-        setups = {name: _Setup(name, batch, device, amp, channels_last, compile) for name in names}
+        setups = {label: _Setup(rule, batch, device, amp, channels_last, compiled)
+                  for label, (rule, compiled) in variants.items()}
         for setup in setups.values():
             for _ in range(WARMUP_STEPS):
                 setup.step()
@@ -193,7 +199,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="bf16: forward and loss under torch.autocast")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                         help="keep model and inputs contiguous (NCHW)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each rule's model")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each rule torch.compile'd (rows RULE+compile)")
     parser.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser

@@ -237,3 +237,4 @@ def test_compiled_training_matches_eager(tmp_path):
     assert pe.keys() == pc.keys()  # checkpoints hold the plain model's names, not torch.compile's
     for k in pe:
         torch.testing.assert_close(pc[k], pe[k], rtol=1e-4, atol=1e-5, msg=k)
+
