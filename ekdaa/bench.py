@@ -228,8 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
-            "memory": MEMORY[device.type],
-            "rows": rows}
+            "memory": MEMORY[device.type], "rows": rows}
     if args.json:
         print(json.dumps(info, indent=2))
         return

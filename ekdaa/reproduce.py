@@ -257,8 +257,8 @@ def _best_by_validation(rows: dict[tuple, list[dict[str, Any]]]) -> list[str]:
             method += " (E = W at init)"
         if vals:
             scores.setdefault((method, activation), []).append((statistics.mean(vals), label))
-    chosen = [f"- {rule} ({activation}): `{max(s)[1]}`, validation {100 * max(s)[0]:.2f} % (best of {len(s)} rows)"
-              for (rule, activation), s in sorted(scores.items()) if len(s) > 1]
+    chosen = [f"- {method} ({activation}): `{max(s)[1]}`, validation {100 * max(s)[0]:.2f} % (best of {len(s)} rows)"
+              for (method, activation), s in sorted(scores.items()) if len(s) > 1]
     return ["Chosen on validation accuracy (never test):", ""] + chosen + [""] if chosen else []
 
 

@@ -60,7 +60,8 @@ class _ErrorMapFn(torch.autograd.Function):
             grad = grad / peak.clamp_min(1.0)
         elif ctx.error_norm == "relative":  # d * rms(h), per sample: beta on the pre-activation's scale
             grad = grad * h.square().mean(dim=tuple(range(1, h.dim())), keepdim=True).sqrt()
-        h_target = grad.mul(-step).add_(h)  # h~ = h - beta * d, the one new tensor
+        # h~ = h - beta * d, the one new tensor (not torch.add(alpha=): torch 2.13's inductor mis-compiles it)
+        h_target = grad.mul(-step).add_(h)
         if ctx.f is torch.tanh:
             # tanh(u) = 2 sigmoid(2u) - 1 (sigmoid is the faster kernel on CPU), so
             # e = 2 (sigmoid(2h) - sigmoid(2h~)); both terms by one formula: d = 0 gives e = 0 exactly.
