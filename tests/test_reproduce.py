@@ -135,8 +135,11 @@ def test_report_chooses_each_rules_row_on_validation_not_test(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cpu", "paper", "sweep-cpu", "sign-cpu"])
-def test_shipped_suites_plan(name):
+def test_shipped_suites_plan_and_keep_their_records(name):
     from pathlib import Path
-    path = Path(__file__).parent.parent / "configs" / "suites" / f"{name}.toml"
-    runs = rp.plan(rp.load_suite(path))
+    root = Path(__file__).parent.parent
+    runs = rp.plan(rp.load_suite(root / "configs" / "suites" / f"{name}.toml"))
     assert runs and len({r.key for r in runs}) == len(runs)
+    # A new config field or a changed suite must not orphan committed records (they would be rerun).
+    recorded = {p.parent.name for p in (root / "results" / name).glob("*/*/summary.json")}
+    assert recorded <= {r.name for r in runs}
