@@ -13,6 +13,7 @@ from .analysis import ATTACKS, PICTURES
 from .data import DATASETS, NORMALIZATIONS, DataError
 from .models import ACTIVATIONS, MODELS
 from .rules import RULES, ConversionError
+from .rules.ekdaa import ERROR_KERNEL_INITS, ERROR_NORMS, POOL_ROUTINGS
 from .train import AMP, OPTIMIZERS, SCHEDULES, Diverged, TrainConfig, TrainError
 
 try:
@@ -42,11 +43,11 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("EKDAA options (ignored by other rules)")
     g.add_argument("--beta", type=float, help=f"target step: h~ = h - beta*d (default {d.beta})")
     g.add_argument("--gamma", type=float, help=f"error-kernel learning rate relative to W's (default {d.gamma})")
-    g.add_argument("--error-kernel-init", choices=("random", "transpose"),
+    g.add_argument("--error-kernel-init", choices=ERROR_KERNEL_INITS,
                    help=f"random: Glorot, no weight transport; transpose: E = W at init (default {d.error_kernel_init})")
-    g.add_argument("--pool-routing", choices=("max", "bilinear"),
+    g.add_argument("--pool-routing", choices=POOL_ROUTINGS,
                    help=f"how d passes max-pools (default {d.pool_routing})")
-    g.add_argument("--error-norm", choices=("none", "max", "relative"),
+    g.add_argument("--error-norm", choices=ERROR_NORMS,
                    help="max: divide each sample's d by max|d| when > 1; relative: multiply it by the RMS of "
                    f"the sample's h (default {d.error_norm})")
     g = p.add_argument_group("data")

@@ -36,6 +36,12 @@ from ..layers import activation_function, glorot_like
 from .base import Rule, check_choice
 
 
+#: The values of EKDAA's options (the CLI offers the same).
+ERROR_KERNEL_INITS = ("random", "transpose")
+POOL_ROUTINGS = ("max", "bilinear")
+ERROR_NORMS = ("none", "max", "relative")
+
+
 class _ErrorMapFn(torch.autograd.Function):
     """z = f(h) forward; backward maps the arriving d to e = z - f(h - beta * d)."""
 
@@ -135,9 +141,9 @@ class EKDAA(Rule):
 
     def __init__(self, beta: float = 0.9, gamma: float = 1.0, error_kernel_init: str = "random",
                  pool_routing: str = "max", error_norm: str = "none", loss_reduction: str = "mean"):
-        check_choice("error_kernel_init", error_kernel_init, ("random", "transpose"))
-        check_choice("pool_routing", pool_routing, ("max", "bilinear"))
-        check_choice("error_norm", error_norm, ("none", "max", "relative"))
+        check_choice("error_kernel_init", error_kernel_init, ERROR_KERNEL_INITS)
+        check_choice("pool_routing", pool_routing, POOL_ROUTINGS)
+        check_choice("error_norm", error_norm, ERROR_NORMS)
         check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
