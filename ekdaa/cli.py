@@ -13,7 +13,7 @@ from .analysis import ATTACKS, PICTURES
 from .data import DATASETS, NORMALIZATIONS, DataError
 from .models import ACTIVATIONS, MODELS
 from .rules import RULES, ConversionError
-from .rules.ekdaa import ERROR_KERNEL_INITS, ERROR_NORMS, POOL_ROUTINGS
+from .rules.ekdaa import ERROR_KERNEL_INITS, ERROR_NORMS, POOL_ROUTINGS, TARGET_FUNCTIONS
 from .train import AMP, OPTIMIZERS, SCHEDULES, Diverged, TrainConfig, TrainError
 
 try:
@@ -50,6 +50,11 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--error-norm", choices=ERROR_NORMS,
                    help="max: divide each sample's d by max|d| when > 1; relative: multiply it by the RMS of "
                    f"the sample's h (default {d.error_norm})")
+    g.add_argument("--target-function", choices=TARGET_FUNCTIONS,
+                   help="activation: target f(h - beta*d), the paper's; smooth: target and error map through "
+                   "g = tanh(u/tau) for sign (hardtanh, relu6: by their bounds), not the paper's "
+                   f"(default {d.target_function})")
+    g.add_argument("--tau", type=float, help=f"temperature of the smooth target's g (default {d.tau})")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="folder with one sub-folder per dataset (fashion-mnist/, cifar-10/, "
                    "svhn/); default: $EKDAA_DATA or the user cache, downloading what is missing")

@@ -17,6 +17,7 @@ A suite file states its whole protocol::
     label = "ekdaa-transpose"
     rule = "ekdaa"
     error_kernel_init = "transpose"
+    activations = ["tanh"]       # optional: the row runs for these activations only
 
 Rules that need f'(h) are skipped for ``sign``. A run is identified by a hash of its
 full config: ``reproduce`` trains each missing run (checkpoints under
@@ -49,6 +50,9 @@ except ModuleNotFoundError:  # Python 3.10
 
 #: Fields that do not change what a run computes, left out of its identity.
 NOT_IDENTITY = ("out", "device", "data_dir", "download", "eval_batch_size", "extra", "compile")
+#: Fields added after runs were recorded: at their defaults they are left out of a run's
+#: identity, so the runs recorded before them keep their names.
+ADDED_LATER = ("target_function", "tau")
 
 
 @dataclasses.dataclass
@@ -58,7 +62,9 @@ class PlannedRun:
 
     @property
     def key(self) -> str:
-        fields = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in NOT_IDENTITY}
+        defaults = TrainConfig()
+        fields = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in NOT_IDENTITY
+                  and not (k in ADDED_LATER and v == getattr(defaults, k))}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
@@ -85,17 +91,17 @@ def plan(suite: dict[str, Any], datasets: list[str] | None = None, rules: list[s
     """Every run of ``suite`` (optionally narrowed to some datasets, row labels, seeds
     or activations), in a deterministic order."""
     head = suite["suite"]
-    rows = [(r, r, {}) for r in head.get("rules", [])]
-    rows += [(v["label"], v["rule"], {k: x for k, x in v.items() if k != "label"})
-             for v in suite.get("variants", [])]
-    unknown = sorted({rule for _, rule, _ in rows} - set(RULES))
+    rows = [(r, r, {}, None) for r in head.get("rules", [])]
+    rows += [(v["label"], v["rule"], {k: x for k, x in v.items() if k not in ("label", "activations")},
+              v.get("activations")) for v in suite.get("variants", [])]
+    unknown = sorted({rule for _, rule, _, _ in rows} - set(RULES))
     if unknown:
         raise TrainError(f"suite {head['name']}: unknown rules {unknown}; valid: {', '.join(RULES)}")
     runs = []
     for dataset in datasets or head["datasets"]:
         for activation in activations or head.get("activations", ["tanh"]):
-            for label, rule, variant in rows:
-                if rules and label not in rules:
+            for label, rule, variant, only in rows:
+                if (rules and label not in rules) or (only is not None and activation not in only):
                     continue
                 if activation == "sign" and RULES[rule].uses_derivative:
                     continue
@@ -247,14 +253,18 @@ def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> P
 def _best_by_validation(rows: dict[tuple, list[dict[str, Any]]]) -> list[str]:
     """Where a rule has several rows (a sweep), name the one with the best mean
     validation accuracy per rule and activation: the choice never looks at test. EKDAA
-    with E = W at initialisation transports weights, so it is chosen among its own rows."""
+    with E = W at initialisation transports weights, so it is chosen among its own rows;
+    EKDAA with a smooth target is not the paper's equation, so it too is its own method."""
     scores: dict[tuple[str, str], list[tuple[float, str]]] = {}
     for (_, _, label, activation), recs in rows.items():
         vals = [r["summary"]["val_accuracy"] for r in recs if r["summary"]["val_accuracy"] is not None]
         summary = recs[0]["summary"]
         method = summary["rule"]
-        if summary.get("rule_options", {}).get("error_kernel_init") == "transpose":
+        options = summary.get("rule_options", {})
+        if options.get("error_kernel_init") == "transpose":
             method += " (E = W at init)"
+        if options.get("target_function", "activation") != "activation":
+            method += f" ({options['target_function']} target)"
         if vals:
             scores.setdefault((method, activation), []).append((statistics.mean(vals), label))
     chosen = [f"- {method} ({activation}): `{max(s)[1]}`, validation {100 * max(s)[0]:.2f} % (best of {len(s)} rows)"

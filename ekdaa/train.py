@@ -66,6 +66,8 @@ class TrainConfig:
     error_kernel_init: str = "random"
     pool_routing: str = "max"
     error_norm: str = "none"
+    target_function: str = "activation"  # 'smooth': through tanh(u / tau) for sign (not the paper's)
+    tau: float = 1.0
     # data
     data_dir: str | None = None
     download: bool = True
@@ -88,7 +90,8 @@ class TrainConfig:
         if self.rule != "ekdaa":
             return {}
         return dict(beta=self.beta, gamma=self.gamma, error_kernel_init=self.error_kernel_init,
-                    pool_routing=self.pool_routing, error_norm=self.error_norm)
+                    pool_routing=self.pool_routing, error_norm=self.error_norm,
+                    target_function=self.target_function, tau=self.tau)
 
     def validate(self) -> None:
         for name, value, choices in (("optimizer", self.optimizer, OPTIMIZERS),

@@ -24,7 +24,16 @@ def _f(act: nn.Module, h: Tensor) -> Tensor:
         return torch.sign(h)
     if isinstance(act, nn.ReLU):
         return h.clamp_min(0)
+    if isinstance(act, nn.Hardtanh):  # ReLU6 too
+        return h.clamp(act.min_val, act.max_val)
     raise NotImplementedError(type(act))
+
+
+def _smooth(act: nn.Module, u: Tensor, tau: float) -> Tensor:
+    """The smooth stand-in for a clipping activation: tanh scaled onto its range."""
+    lo, hi = (-1.0, 1.0) if isinstance(act, ekdaa.Sign) else (act.min_val, act.max_val)
+    centre, half_width = (lo + hi) / 2, (hi - lo) / 2
+    return centre + half_width * torch.tanh((u - centre) / (half_width * tau))
 
 
 def _df(act: nn.Module, h: Tensor) -> Tensor:
@@ -32,6 +41,8 @@ def _df(act: nn.Module, h: Tensor) -> Tensor:
         return 1 - torch.tanh(h) ** 2
     if isinstance(act, nn.ReLU):
         return (h > 0).to(h.dtype)
+    if isinstance(act, ekdaa.Sign):  # the saturated straight-through pseudo-derivative
+        return (h.abs() <= 1).to(h.dtype)
     raise NotImplementedError(type(act))
 
 
@@ -51,12 +62,14 @@ def _interp_matrix(n_out: int, n_in: int) -> Tensor:
 
 def reference_grads(layers: list[nn.Module], rule: str, x: Tensor, y: Tensor, *, beta: float = 0.9,
                     pool_routing: str = "max", error_norm: str = "none",
+                    target_function: str = "activation", tau: float = 1.0,
                     transmit: dict[int, Tensor] | None = None,
                     direct: dict[int, Tensor] | None = None) -> dict[str, Tensor]:
     """Per-parameter updates of ``rule`` for the plain layer list ``layers``.
 
     ``transmit[i]``: the tensor layer i sends error down through (W, B, E, s*sign(W));
-    ``direct[i]``: DFA's B for the activation at index i. Keys of the result are
+    ``direct[i]``: DFA's B for the activation at index i. ``bp-ste`` is ``bp`` with
+    the pseudo-derivative 1[|h| <= 1] at Sign. Keys of the result are
     ``"{i}.weight"``, ``"{i}.bias"``.
     """
     n = x.shape[0]
@@ -125,7 +138,10 @@ def reference_grads(layers: list[nn.Module], rule: str, x: Tensor, y: Tensor, *,
                 d = d / peak
             elif error_norm == "relative":
                 d = d * inp.pow(2).reshape(n, -1).mean(1).sqrt().view(n, *[1] * (d.dim() - 1))
-            d = out - _f(layer, inp - beta * d)
+            if target_function == "smooth":
+                d = _smooth(layer, inp, tau) - _smooth(layer, inp - beta * d, tau)
+            else:
+                d = out - _f(layer, inp - beta * d)
         elif rule == "dfa":
             b = direct[i]
             d = _df(layer, inp) * (e_out @ b.reshape(b.shape[0], -1)).reshape(out.shape)

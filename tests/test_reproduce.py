@@ -26,6 +26,15 @@ beta = 0.5
 label = "ekdaa-transpose"
 rule = "ekdaa"
 error_kernel_init = "transpose"
+[[variants]]
+label = "ekdaa-smooth"
+rule = "ekdaa"
+target_function = "smooth"
+activations = ["sign"]
+[[variants]]
+label = "bp-ste"
+rule = "bp-ste"
+activations = ["sign"]
 """
 
 
@@ -41,12 +50,26 @@ def test_plan_expands_the_protocol(suite):
     labels = {(r.config.dataset, r.label, r.config.activation) for r in runs}
     assert ("digits", "bp", "sign") not in labels  # bp needs f'(h): no sign row
     assert ("digits", "ekdaa", "sign") in labels and ("cifar10", "ekdaa-transpose", "tanh") in labels
-    assert len(runs) == 2 * (3 + 2) * 2
+    assert ("digits", "ekdaa-smooth", "sign") in labels and ("digits", "bp-ste", "sign") in labels
+    assert ("digits", "ekdaa-smooth", "tanh") not in labels and ("digits", "bp-ste", "tanh") not in labels
+    assert len(runs) == 2 * (3 + 4) * 2
+    smooth = next(r for r in runs if r.label == "ekdaa-smooth")
+    assert smooth.config.target_function == "smooth"
     ekdaa = next(r for r in runs if r.label == "ekdaa")
     assert (ekdaa.config.beta, ekdaa.config.model, ekdaa.config.epochs) == (0.5, "mlp", 1)
     assert len({r.key for r in runs}) == len(runs)
     narrowed = rp.plan(rp.load_suite(suite), datasets=["digits"], rules=["bp"], seeds=[1])
     assert [(r.label, r.config.seed) for r in narrowed] == [("bp", 1)]
+
+
+def test_fields_added_later_change_identity_only_away_from_their_defaults(suite):
+    run = next(r for r in rp.plan(rp.load_suite(suite)) if r.label == "ekdaa")
+    before = dict(run.config.__dict__)
+    for field in rp.ADDED_LATER:
+        del before[field]  # the config as it was before these fields existed
+    old = {k: v for k, v in before.items() if k not in rp.NOT_IDENTITY}
+    assert run.key == rp.hashlib.sha256(rp.json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]
+    assert rp.PlannedRun("x", rp.dataclasses.replace(run.config, tau=0.5)).key != run.key
 
 
 def test_reproduce_runs_missing_skips_done_and_absent_datasets(suite, tmp_path, monkeypatch):

@@ -51,7 +51,7 @@ def transmit_tensors(model: nn.Module, rule: str) -> dict[int, torch.Tensor]:
     out = {}
     for i, layer in enumerate(model):
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            if rule in ("bp", "dfa"):
+            if rule in ("bp", "bp-ste", "dfa"):
                 out[i] = layer.weight.detach()
             elif rule == "sign-symmetry":
                 fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
@@ -115,6 +115,57 @@ def test_ekdaa_options_match_reference(options, act):
             assert got[name].norm() == 0
     if options.get("error_kernel_init") == "transpose":
         assert torch.equal(model[0].error_kernel, net[0].weight)
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(tau=0.3), dict(tau=3.0, beta=0.2), dict(pool_routing="bilinear", error_norm="relative"),
+    dict(error_norm="max", error_kernel_init="transpose")])
+@pytest.mark.parametrize("act", [ekdaa.Sign, nn.Hardtanh, lambda: nn.Hardtanh(-0.5, 2.0), nn.ReLU6])
+def test_smooth_target_matches_reference(options, act):
+    torch.manual_seed(4)
+    net = make_net("max", 1, act=act)
+    randomise(net)
+    x, y = batch(seed=5)
+    x = x * 3
+    model = ekdaa.convert(copy.deepcopy(net), "ekdaa", target_function="smooth", **options)
+    got = grads_of(model, x, y)
+    ref_opts = {k: v for k, v in options.items() if k in ("beta", "tau", "pool_routing", "error_norm")}
+    want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_tensors(model, "ekdaa"),
+                           target_function="smooth", **ref_opts)
+    for name, g in want.items():
+        assert g.norm() > 0, name  # the smooth target reaches every layer, unlike sign's literal one
+        assert_close_rel(got[name], g, name=name)
+
+
+def test_smooth_target_is_zero_without_error_and_tends_to_a_pseudo_derivative():
+    h = torch.randn(4, 6) * 2
+    for tau in (0.5, 1.0):
+        layer = ekdaa.convert(nn.Sequential(ekdaa.Sign()), "ekdaa", target_function="smooth", tau=tau,
+                              loss_reduction="sum")[0]
+        hh = h.clone().requires_grad_()
+        layer(hh).backward(torch.zeros_like(h))
+        assert torch.equal(hh.grad, torch.zeros_like(h))  # d = 0: e = 0 exactly
+        d = torch.randn_like(h)
+        for beta in (1e-4, 1e-6):
+            layer.rule.beta = beta
+            hh.grad = None
+            layer(hh).backward(d)
+            pseudo = (1 - torch.tanh(h / tau) ** 2) / tau  # g'(h): never evaluated by the rule
+            assert_close_rel(hh.grad / beta, pseudo * d, tol=5 * beta, name=f"tau {tau} beta {beta}")
+
+
+def test_straight_through_bp_on_a_sign_network_matches_reference():
+    net = make_net(act=ekdaa.Sign)
+    randomise(net)
+    x, y = batch()
+    x = x * 0.2  # keep some |h| <= 1 in every layer, so the estimator passes something
+    model = ekdaa.convert(copy.deepcopy(net), "bp-ste")
+    got = grads_of(model, x, y)
+    want = reference_grads(list(net), "bp-ste", x, y, transmit=transmit_tensors(net, "bp"))
+    for name, g in want.items():
+        assert g.norm() > 0, name
+        assert_close_rel(got[name], g, name=name)
+    assert isinstance(model[1], ekdaa.Sign)  # still a Sign to anything that looks for one
 
 
 @pytest.mark.parametrize("act", [nn.Tanh, ekdaa.Sign])
@@ -260,14 +311,16 @@ def test_ekdaa_updates_do_not_depend_on_batch_size():
         assert_close_rel(g / x.shape[0], one[n], name=n)
 
 
-def test_sign_cnn_trains_with_ekdaa():
+@pytest.mark.parametrize("rule,options", [("ekdaa", dict(beta=2.0)),
+                                          ("ekdaa", dict(target_function="smooth")), ("bp-ste", {})])
+def test_sign_cnn_trains(rule, options):
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float32)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), ekdaa.Sign(), nn.MaxPool2d(2),
                           nn.Conv2d(8, 8, 3, padding=1), ekdaa.Sign(), nn.Flatten(),
                           nn.Linear(8 * 4 * 4, 4))
     w0 = model[0].weight.detach().clone()
-    model = ekdaa.convert(model, "ekdaa", beta=2.0)
+    model = ekdaa.convert(model, rule, **options)
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,))
     opt = torch.optim.SGD(ekdaa.param_groups(model, lr=0.01), lr=0.01, momentum=0.9)
     losses = []
@@ -336,8 +389,15 @@ def test_convert_refuses_what_it_cannot_train():
 
     with pytest.raises(ConversionError, match=r"'body'.*Custom.*scale"):
         ekdaa.convert(nn.ModuleDict({"body": Custom()}), "fa")
-    with pytest.raises(ConversionError, match="Sign.*'1'"):
-        ekdaa.convert(nn.Sequential(nn.Linear(2, 2), ekdaa.Sign()), "fa")
+    for rule in ("fa", "bp"):
+        with pytest.raises(ConversionError, match="Sign.*'1'"):
+            ekdaa.convert(nn.Sequential(nn.Linear(2, 2), ekdaa.Sign()), rule)
+    with pytest.raises(ConversionError, match=r"smooth.*'1' is Tanh.*target_function 'activation'"):
+        ekdaa.convert(make_net(), "ekdaa", target_function="smooth")
+    with pytest.raises(ConversionError, match="target_function 'sharp'"):
+        ekdaa.convert(make_net(), "ekdaa", target_function="sharp")
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        ekdaa.convert(make_net(act=ekdaa.Sign), "ekdaa", target_function="smooth", tau=0.0)
     with pytest.raises(ConversionError, match="groups=1"):
         ekdaa.convert(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "ekdaa")
     with pytest.raises(ConversionError, match="unknown rule 'nope'.*ekdaa"):

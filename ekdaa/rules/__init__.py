@@ -15,9 +15,11 @@ from .fa import FeedbackAlignment
 from .kolen_pollack import KolenPollack
 from .last_layer import LastLayer
 from .sign_symmetry import SignSymmetry
+from .straight_through import StraightThroughBP
 
 RULES: dict[str, type[Rule]] = {
     "bp": BP,
+    "bp-ste": StraightThroughBP,
     "fa": FeedbackAlignment,
     "dfa": DirectFeedbackAlignment,
     "sign-symmetry": SignSymmetry,

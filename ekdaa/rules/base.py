@@ -35,7 +35,7 @@ class Rule:
     name: ClassVar[str]
     #: state_dict name of the tensor the error travels down through
     feedback_name: ClassVar[str] = "feedback"
-    #: True if the rule evaluates f'(h) at activations (then Sign cannot train)
+    #: True if the rule evaluates f'(h) at every activation, Sign's included (then Sign cannot train)
     uses_derivative: ClassVar[bool] = True
     #: True if the rule can train any module through plain autograd (bp)
     accepts_any_module: ClassVar[bool] = False

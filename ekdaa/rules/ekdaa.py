@@ -12,6 +12,14 @@ W is never used to send error down. Per sample:
     dW_l = <e_l (x) z_{l-1}>,  db_l = <sum e_l>            local updates (batch mean <.>)
     dE_l = gamma * dW_l                                    error-kernel update
 
+Smooth target (``target_function='smooth'``, for sign and hardtanh-like f; not the
+paper's equation, a variant named as such): the target and the error map are formed
+through a smooth stand-in g of f, e = g(h) - g(h~), with g(u) = tanh(u / tau) for sign
+(in general g(u) = m + r tanh((u - m) / (r tau)) for an f that clips to [m - r, m + r]).
+Only g is evaluated, never a derivative, and d = 0 gives e = 0 exactly. For small beta,
+e ~ beta g'(h) d: a straight-through-style pseudo-derivative g'(h), reached without
+evaluating one. The literal target f(h~) of a sign unit is 0 or +-2 whatever the size of d.
+
 Implementation: a weight layer keeps its forward and sends its error map down
 through its *error kernel* E (``error_kernel``, a Parameter of W's shape whose
 ``.grad`` is dW). Each activation module becomes an :class:`ErrorMap` whose
@@ -32,24 +40,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import activation_function, glorot_like
-from .base import Rule, check_choice
+from ..layers import Sign, activation_function, glorot_like
+from .base import ConversionError, Rule, check_choice
 
 
 #: The values of EKDAA's options (the CLI offers the same).
 ERROR_KERNEL_INITS = ("random", "transpose")
 POOL_ROUTINGS = ("max", "bilinear")
 ERROR_NORMS = ("none", "max", "relative")
+TARGET_FUNCTIONS = ("activation", "smooth")
+
+
+def smooth_stand_in(activation: nn.Module, tau: float) -> Callable[[Tensor], Tensor] | None:
+    """g(u) = m + r tanh((u - m) / (r tau)) for an activation that clips to [m - r, m + r]
+    (Sign: tanh(u / tau); Hardtanh and ReLU6 by their bounds); None for any other."""
+    if isinstance(activation, Sign):
+        lo, hi = -1.0, 1.0
+    elif isinstance(activation, nn.Hardtanh):  # ReLU6 included
+        lo, hi = float(activation.min_val), float(activation.max_val)
+    else:
+        return None
+    mid, radius = (hi + lo) / 2, (hi - lo) / 2
+    scale = 1 / (radius * tau)
+    return lambda u: torch.tanh((u - mid) * scale) * radius + mid
 
 
 class _ErrorMapFn(torch.autograd.Function):
-    """z = f(h) forward; backward maps the arriving d to e = z - f(h - beta * d)."""
+    """z = f(h) forward; backward maps the arriving d to e = z - f(h - beta * d), or to
+    e = g(h) - g(h - beta * d) through a smooth stand-in g."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, f: Callable[[Tensor], Tensor], beta: float, error_norm: str,
-                per_sample: bool) -> Tensor:
+    def forward(ctx, h: Tensor, f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor] | None,
+                beta: float, error_norm: str, per_sample: bool) -> Tensor:
         z = f(h)
-        ctx.f, ctx.beta, ctx.error_norm, ctx.per_sample = f, beta, error_norm, per_sample
+        ctx.f, ctx.g, ctx.beta, ctx.error_norm, ctx.per_sample = f, g, beta, error_norm, per_sample
         ctx.save_for_backward(h, z)
         return z
 
@@ -68,28 +92,33 @@ class _ErrorMapFn(torch.autograd.Function):
             grad = grad * h.square().mean(dim=tuple(range(1, h.dim())), keepdim=True).sqrt()
         # h~ = h - beta * d, the one new tensor (not torch.add(alpha=): torch 2.13's inductor mis-compiles it)
         h_target = grad.mul(-step).add_(h)
+        if ctx.g is not None:  # smooth target: both terms through g, so d = 0 gives e = 0 exactly
+            return ctx.g(h).sub_(ctx.g(h_target)).mul_(1 / n), None, None, None, None, None
         if ctx.f is torch.tanh:
             # tanh(u) = 2 sigmoid(2u) - 1 (sigmoid is the faster kernel on CPU), so
             # e = 2 (sigmoid(2h) - sigmoid(2h~)); both terms by one formula: d = 0 gives e = 0 exactly.
             target = h_target.mul_(2).sigmoid_()
-            return torch.mul(h, 2).sigmoid_().sub_(target).mul_(2 / n), None, None, None, None
-        return ctx.f(h_target).sub_(z).mul_(-1 / n), None, None, None, None  # (z - f(h~)) / n
+            return torch.mul(h, 2).sigmoid_().sub_(target).mul_(2 / n), None, None, None, None, None
+        return ctx.f(h_target).sub_(z).mul_(-1 / n), None, None, None, None, None  # (z - f(h~)) / n
 
 
 class ErrorMap(nn.Module):
-    """An activation whose backward is EKDAA's error map (forward unchanged)."""
+    """An activation whose backward is EKDAA's error map (forward unchanged); ``stand_in``
+    is the smooth g the error map is formed through (None: the activation itself)."""
 
-    def __init__(self, activation: nn.Module, rule: "EKDAA"):
+    def __init__(self, activation: nn.Module, rule: "EKDAA",
+                 stand_in: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
         self.activation = activation
         self.rule = rule
+        self.stand_in = stand_in
 
     def forward(self, h: Tensor) -> Tensor:
         f = activation_function(self.activation)
         if not torch.is_grad_enabled():
             return f(h)
         r = self.rule
-        return _ErrorMapFn.apply(h, f, r.beta, r.error_norm, r.loss_reduction == "mean")
+        return _ErrorMapFn.apply(h, f, self.stand_in, r.beta, r.error_norm, r.loss_reduction == "mean")
 
 
 class _BilinearRouteFn(torch.autograd.Function):
@@ -131,6 +160,10 @@ class EKDAA(Rule):
             this for conv layers); ``relative``: multiply each sample's d by the RMS of
             its pre-activation h, so beta is a fraction of h's scale (for ``sign``, whose
             output ignores that scale, the target then no longer depends on W's norm).
+        target_function: ``activation``: the target is f(h~) (the paper's equation);
+            ``smooth``: target and error map through the smooth stand-in g (see the
+            module docstring), for Sign, Hardtanh and ReLU6 activations only.
+        tau: temperature of the smooth stand-in (its slope at the centre is 1 / tau).
         loss_reduction: ``mean`` if the loss averages over the batch (the default of
             ``F.cross_entropy``), ``sum`` if it sums.
     """
@@ -140,24 +173,28 @@ class EKDAA(Rule):
     uses_derivative = False
 
     def __init__(self, beta: float = 0.9, gamma: float = 1.0, error_kernel_init: str = "random",
-                 pool_routing: str = "max", error_norm: str = "none", loss_reduction: str = "mean"):
+                 pool_routing: str = "max", error_norm: str = "none", target_function: str = "activation",
+                 tau: float = 1.0, loss_reduction: str = "mean"):
         check_choice("error_kernel_init", error_kernel_init, ERROR_KERNEL_INITS)
         check_choice("pool_routing", pool_routing, POOL_ROUTINGS)
         check_choice("error_norm", error_norm, ERROR_NORMS)
+        check_choice("target_function", target_function, TARGET_FUNCTIONS)
         check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
-        self.beta, self.gamma = float(beta), float(gamma)
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.beta, self.gamma, self.tau = float(beta), float(gamma), float(tau)
         self.error_kernel_init, self.pool_routing = error_kernel_init, pool_routing
-        self.error_norm, self.loss_reduction = error_norm, loss_reduction
+        self.error_norm, self.target_function, self.loss_reduction = error_norm, target_function, loss_reduction
         self.feedback_lr_scale = self.gamma
 
     def options(self) -> dict[str, Any]:
         return dict(beta=self.beta, gamma=self.gamma, error_kernel_init=self.error_kernel_init,
                     pool_routing=self.pool_routing, error_norm=self.error_norm,
-                    loss_reduction=self.loss_reduction)
+                    target_function=self.target_function, tau=self.tau, loss_reduction=self.loss_reduction)
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         w = layer.weight.detach()
@@ -165,7 +202,14 @@ class EKDAA(Rule):
         self.attach_feedback(layer, kernel, learned=self.gamma > 0)
 
     def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
-        return ErrorMap(module, self)
+        if self.target_function == "activation":
+            return ErrorMap(module, self)
+        stand_in = smooth_stand_in(module, self.tau)
+        if stand_in is None:
+            raise ConversionError(
+                f"target_function 'smooth' needs a Sign, Hardtanh or ReLU6 activation, but '{path or '<root>'}' "
+                f"is {type(module).__name__}: use target_function 'activation' there")
+        return ErrorMap(module, self, stand_in)
 
     def convert_pool(self, path: str, module: nn.Module) -> nn.Module:
         if self.pool_routing == "bilinear" and type(module) is nn.MaxPool2d:
