@@ -82,7 +82,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the training step's model (evaluation stays eager)
     eval_batch_size: int = 1000
-    track_alignment: bool = False  # log per-layer feedback/update angles each epoch (ekdaa.analysis)
+    track_alignment: bool = False  # log per-layer angles and Sign layers' flips each epoch (ekdaa.analysis)
     out: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -316,6 +316,10 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(
                 dict(config=dataclasses.asdict(cfg), environment=environment()), indent=2) + "\n")
+        self.tracker = None  # the per-epoch look inside (alignment, sign flips), from the state reached
+        if cfg.track_alignment:
+            from .analysis import Tracker
+            self.tracker = Tracker(self)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -438,9 +442,8 @@ class Run:
         record = dict(epoch=self.epoch + 1, train_loss=loss_sum / seen, train_accuracy=correct / seen,
                       images_per_s=seen / max(self.seconds - t0, 1e-9), lr=self.opt.param_groups[0]["lr"])
         record.update(self._evaluate())
-        if self.cfg.track_alignment:
-            from .analysis import track_alignment
-            record["alignment"] = track_alignment(self)
+        if self.tracker is not None:
+            record.update(self.tracker())
         if self.sched is not None:
             self.sched.step()
         self.epoch, self.step = self.epoch + 1, 0

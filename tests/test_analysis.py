@@ -6,6 +6,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from ekdaa.analysis import (
     PICTURES,
     PixelModel,
     RunDir,
+    Tracker,
     alignment,
     craft,
     fgsm,
@@ -28,6 +30,7 @@ from ekdaa.analysis import (
 )
 from ekdaa.analysis.pictures import DPI, SIZES
 from ekdaa.cli import main
+from ekdaa.models import build_model
 from ekdaa.train import TrainConfig, load_checkpoint, train
 
 
@@ -160,6 +163,38 @@ def test_tracking_is_logged_and_changes_no_training_result(tmp_path):
     assert all(0 < r["alignment"]["1"]["feedback_angle"] < 180 for r in records)
     assert "alignment" not in json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[0])
     assert RunDir(tracked).metrics == records
+
+
+@pytest.mark.parametrize("rule", ["ekdaa", "bp-ste"])
+def test_tracker_counts_sign_flips_and_measures_against_the_straight_through_gradient(rule):
+    torch.manual_seed(0)
+    cfg = TrainConfig(model="mlp", activation="sign", rule=rule, batch_size=8)
+    x, y = torch.randn(8, 1, 6, 6) * 0.3, torch.arange(8) % 3
+    model = ekdaa.convert(build_model("mlp", (1, 6, 6), 3, activation="sign"), rule)
+    run = SimpleNamespace(cfg=cfg, model=model, data=SimpleNamespace(
+        normalizer=lambda t: t, train=(x, y), image_shape=(1, 6, 6), num_classes=3))
+    tracker = Tracker(run)
+    first = tracker()
+    assert first["sign_flips"] == {"2": 0.0, "4": 0.0}  # nothing changed since the tracker was made
+    angles = {name: e["update_angle"] for name, e in first["alignment"].items()}
+    assert all(a is not None for a in angles.values())  # defined below Sign: the estimator's gradient
+    if rule == "bp-ste":
+        assert all(a == pytest.approx(0, abs=1e-4) for a in angles.values())
+    else:
+        assert 1 < angles["1"] < 179
+    with torch.no_grad():
+        model[1].weight.neg_()  # no bias: every unit of both Sign layers changes sign
+    assert tracker()["sign_flips"] == {"2": 1.0, "4": 1.0}
+    assert tracker()["sign_flips"] == {"2": 0.0, "4": 0.0}  # counted from the previous look
+
+
+def test_tracking_a_sign_run_logs_flips(tmp_path):
+    for target in ("activation", "smooth"):
+        run = tiny(tmp_path, target, activation="sign", target_function=target, lr=0.01, track_alignment=True)
+        records = RunDir(run).metrics
+        flips = [r["sign_flips"] for r in records]
+        assert [sorted(f) for f in flips] == [["2", "4"]] * 2
+        assert all(0 < v < 1 for f in flips for v in f.values())
 
 
 # -- pictures -------------------------------------------------------------------

@@ -2,16 +2,16 @@
 
 * :func:`alignment`: per weight layer, the angle between the feedback tensor and W and
   between the rule's update and backprop's gradient (``TrainConfig(track_alignment=True)``
-  logs it every epoch);
+  logs it every epoch, with the fraction of sign flips of Sign layers: :class:`Tracker`);
 * :func:`visualize`: filters, error kernels, t-SNE, learning and alignment curves (PNG);
 * :func:`robustness`: FGSM/PGD accuracy against epsilon, white-box or transferred from a
   substitute run.
 """
-from .alignment import alignment, angle, feedback_tensor, track_alignment, weight_layers
+from .alignment import Tracker, alignment, angle, feedback_tensor, weight_layers
 from .attacks import ATTACKS, PixelModel, craft, fgsm, markdown, pgd, robustness, write_result
 from .pictures import PICTURES, visualize
 from .runs import RunDir, copy_weights, plain_copy
 
-__all__ = ["ATTACKS", "PICTURES", "PixelModel", "RunDir", "alignment", "angle", "copy_weights", "craft",
-           "feedback_tensor", "fgsm", "markdown", "pgd", "plain_copy", "robustness", "track_alignment",
+__all__ = ["ATTACKS", "PICTURES", "PixelModel", "RunDir", "Tracker", "alignment", "angle", "copy_weights", "craft",
+           "feedback_tensor", "fgsm", "markdown", "pgd", "plain_copy", "robustness",
            "visualize", "weight_layers", "write_result"]

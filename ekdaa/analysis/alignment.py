@@ -7,8 +7,13 @@
   plain twin, see :func:`~ekdaa.analysis.runs.plain_copy`). For ``dfa`` that compares each
   layer's update with backprop's. Undefined (None, with a note) where either is zero,
   e.g. backprop's gradient below a ``Sign`` activation.
+* sign flips (:class:`Tracker`, for networks with ``Sign``): per Sign layer, the fraction
+  of its units on a fixed batch whose sign changed since the last look.
 
-Angles are in degrees: 0 means the same direction, 90 orthogonal.
+Angles are in degrees: 0 means the same direction, 90 orthogonal. A training run with
+``track_alignment`` compares with the straight-through twin (``bp-ste``): backprop itself
+wherever there is no Sign, and at Sign the standard binary-network gradient, the only
+reference defined there.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers import Sign
+from ..rules import convert
 from .runs import copy_weights, plain_copy, rng_preserved
 
 if TYPE_CHECKING:
@@ -103,9 +110,40 @@ def alignment(model: nn.Module, batch: tuple[Tensor, Tensor], reference: nn.Modu
     return out
 
 
-def track_alignment(run: Run) -> dict[str, dict[str, Any]]:
-    """:func:`alignment` of a training run's model on its fixed batch (the first ``batch_size``
-    training images), for ``TrainConfig(track_alignment=True)``."""
-    cfg, data = run.cfg, run.data
-    batch = (data.normalizer(data.train[0][:cfg.batch_size]), data.train[1][:cfg.batch_size])
-    return alignment(run.model, batch, plain_copy(run.model, cfg, data.image_shape, data.num_classes))
+class Tracker:
+    """The per-epoch look inside a training run (``TrainConfig(track_alignment=True)``) on its
+    fixed batch, the first ``batch_size`` training images. Each call returns ``alignment``
+    (:func:`alignment` against the run's straight-through twin) and, if the network has Sign
+    layers, ``sign_flips``: per Sign layer, the fraction of its units on that batch whose sign
+    differs from the previous call's (the first call: from when the tracker was made, the start
+    of training or of its resumed part)."""
+
+    def __init__(self, run: Run):
+        cfg, data = run.cfg, run.data
+        self.model = run.model
+        self.batch = (data.normalizer(data.train[0][:cfg.batch_size]), data.train[1][:cfg.batch_size])
+        self.reference = convert(plain_copy(run.model, cfg, data.image_shape, data.num_classes), "bp-ste")
+        self.signs = self._signs()
+
+    def _signs(self) -> dict[str, Tensor]:
+        """The output of every Sign layer on the batch, from the reference with the model's weights."""
+        copy_weights(self.reference, self.model)
+        out: dict[str, Tensor] = {}
+        hooks = [m.register_forward_hook(lambda module, args, z, name=name: out.__setitem__(name, z))
+                 for name, m in self.reference.named_modules() if isinstance(m, Sign)]
+        try:
+            with torch.no_grad():
+                self.reference(self.batch[0])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out
+
+    def __call__(self) -> dict[str, Any]:
+        record: dict[str, Any] = dict(alignment=alignment(self.model, self.batch, self.reference))
+        signs = self._signs()
+        if signs:
+            record["sign_flips"] = {name: (z != self.signs[name]).double().mean().item()
+                                    for name, z in signs.items()}
+        self.signs = signs
+        return record

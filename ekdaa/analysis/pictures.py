@@ -4,7 +4,8 @@
   kernels E, FA's B, ...) as a grid of images, RGB for 3-channel data, grey otherwise;
 * ``tsne``: t-SNE of the penultimate layer on the first test images, coloured by class;
 * ``curves``: loss and accuracy per epoch of one or several runs;
-* ``alignment``: feedback and update angles per epoch (runs trained with track_alignment).
+* ``alignment``: feedback and update angles per epoch, and sign flips of Sign networks
+  (runs trained with track_alignment).
 """
 from __future__ import annotations
 
@@ -187,35 +188,45 @@ def has_alignment(run: RunDir) -> bool:
 
 
 def plot_alignment(runs: Sequence[RunDir], out: Path) -> Path:
-    """Feedback and update angles per epoch; colour = weight layer (k-th Conv2d/Linear from the
-    input), line style = run."""
+    """Feedback and update angles per epoch, and for Sign networks the fraction of sign flips;
+    colour = weight layer (k-th Conv2d/Linear from the input) or Sign layer, line style = run."""
     for run in runs:
         if not has_alignment(run):
             raise ValueError(f"run {run.path} logged no alignment: train it with --track-alignment")
+    flips = any("sign_flips" in r for run in runs for r in run.metrics)
     fig = _figure("alignment")
-    axes = fig.subplots(1, 2, sharey=True)
+    axes = fig.subplots(1, 3 if flips else 2)
+    axes[1].sharey(axes[0])
     cmap = colormaps["tab10"]
     depth = 0
     for i, run in enumerate(runs):
+        style = LINESTYLES[i % len(LINESTYLES)]
         records = [r for r in run.metrics if "alignment" in r]
         names = list(records[-1]["alignment"])
         depth = max(depth, len(names))
         for k, name in enumerate(names):
-            colour = cmap(k % 10)
             for ax, key in zip(axes, ("feedback_angle", "update_angle")):
                 epochs, values = _series(records, "alignment", name, key)
-                ax.plot(epochs, values, LINESTYLES[i % len(LINESTYLES)], marker="o", ms=3, color=colour)
-    for ax, title in zip(axes, ("feedback tensor vs W", "rule's update vs backprop gradient (same batch)")):
-        ax.set_xlabel("epoch")
+                ax.plot(epochs, values, style, marker="o", ms=3, color=cmap(k % 10))
+        for k, name in enumerate(records[-1].get("sign_flips", {})):
+            epochs, values = _series(records, "sign_flips", name)
+            axes[2].plot(epochs, 100 * np.asarray(values), style, marker="s", ms=3, color=cmap(k % 10))
+    titles = ("feedback tensor vs W", "rule's update vs backprop gradient\n(straight-through at Sign; same batch)")
+    for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
         ax.axhline(90, color="grey", lw=0.8)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].set_ylabel("angle (degrees; 90 = orthogonal)")
+    if flips:
+        axes[2].set_title("Sign units whose sign flipped\nsince the previous epoch (same batch)", fontsize=10)
+        axes[2].set_ylabel("% of units (colour: the Sign after weight layer k)")
     handles = [Line2D([], [], color=cmap(k % 10), label=f"weight layer {k + 1}") for k in range(depth)]
     handles += [Line2D([], [], color="black", ls=LINESTYLES[i % len(LINESTYLES)], label=run.label)
                 for i, run in enumerate(runs)]
-    axes[1].legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes[-1].legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"Alignment with backprop: {', '.join(run.label for run in runs)}", fontsize=11)
     fig.tight_layout()
     return _save(fig, out / f"{_joint_name(runs)}-alignment.png")
