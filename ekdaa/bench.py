@@ -185,10 +185,8 @@ def _batch_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(message) from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ekdaa.bench", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The benchmark's flags, on ``parser`` (``python -m ekdaa.bench`` and ``ekdaa bench`` alike)."""
     parser.add_argument("--rules", type=_rule_list, default=list(RULES),
                         help=f"comma list from {', '.join(RULES)}; bp is always included")
     parser.add_argument("--batch-sizes", type=_batch_list, default=[50, 256], help="comma list")
@@ -216,10 +214,19 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point (``python -m ekdaa.bench --help``)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser = add_options(argparse.ArgumentParser(
+        prog="python -m ekdaa.bench", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    try:
+        execute(parser.parse_args(argv))
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def execute(args: argparse.Namespace) -> None:
+    """Run the benchmark the parsed flags of :func:`add_options` describe and print its table or JSON."""
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available; use --device cpu")
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -121,7 +121,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
-    return bench.main(args.rest) or 0
+    bench.execute(args)
+    return 0
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
@@ -219,9 +220,11 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default="RESULTS.md", help="Markdown file to write (default RESULTS.md)")
     rp.set_defaults(func=cmd_report)
 
+    from . import bench
     b = sub.add_parser("bench", help="time a training step of every rule (python -m ekdaa.bench)",
-                       add_help=False)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+                       description=bench.__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_options(b)
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("visualize", help="draw filters, error kernels, t-SNE, learning/alignment curves",

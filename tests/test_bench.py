@@ -1,5 +1,9 @@
-"""The step-time benchmark (ekdaa.bench) on CPU, at a tiny batch."""
+"""The step-time benchmark (ekdaa.bench) on CPU, at a tiny batch; how the command line starts."""
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -15,3 +19,21 @@ def test_bench_times_every_rule_against_bp():
     assert by_rule["ekdaa"]["mem_ratio_to_bp"] > 1.3  # the error map also keeps h
     with pytest.raises(ValueError, match="unknown rules"):
         bench.run(["backprop"], [2], steps=1, repeats=1)
+
+
+def test_ekdaa_bench_takes_the_benchmark_flags(capsys):
+    from ekdaa.cli import main
+    assert main(["bench", "--rules", "fa", "--batch-sizes", "2", "--steps", "1", "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["rule"] for r in out["rows"]] == ["bp", "fa"] and out["device"] == "cpu"
+    with pytest.raises(SystemExit):
+        main(["bench", "--batch-sizes", "0"])
+    assert "invalid batch sizes '0'" in capsys.readouterr().err
+
+
+def test_the_command_line_starts_without_plotting_or_dataset_libraries():
+    code = ("import sys, ekdaa.cli; ekdaa.cli.parser(); "
+            "print(sorted(m for m in ('matplotlib', 'sklearn', 'scipy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -18,7 +18,7 @@ ARGS = ["--dataset", "digits", "--model", "mlp", "--train-subset", "256", "--epo
 # SGD: Adam's per-weight normalisation would amplify float rounding where gradients are ~0.
 
 
-@pytest.mark.parametrize("rule", ["bp", "ekdaa"])
+@pytest.mark.parametrize("rule", ["bp", "ekdaa", "last-layer"])  # last-layer: hidden weights get no grad
 def test_two_ranks_match_one_process_with_double_batch(tmp_path, rule):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

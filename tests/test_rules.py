@@ -176,6 +176,7 @@ def test_last_layer_trains_only_the_output_layer(act):
     model = ekdaa.convert(copy.deepcopy(net), "last-layer")
     got = grads_of(model, x, y)
     assert sorted(got) == ["8.bias", "8.weight"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["8.weight", "8.bias"]
     with torch.no_grad():
         z = net[:8](x)
         e = torch.softmax(net[8](z), 1) - F.one_hot(y, 5)
@@ -333,6 +334,17 @@ def test_sign_cnn_trains(rule, options):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
     assert (model[0].weight - w0).norm() > 0.1  # the first layer, below two signs, learns too
+
+
+def test_dfa_forward_that_stops_midway_leaves_nothing_behind():
+    x, y = batch()
+    torch.manual_seed(0)
+    model = ekdaa.convert(make_net(), "dfa", example_input=x)
+    want = grads_of(copy.deepcopy(model), x, y)
+    model[:5](x * 2)  # hidden outputs handed to the rule, the output layer never reached
+    got = grads_of(model, x, y)
+    for name, g in want.items():
+        assert_close_rel(got[name], g, name=name)
 
 
 def test_state_dict_round_trip_keeps_feedback():

@@ -16,10 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from torch import Tensor
 
 from .alignment import feedback_tensor, weight_layers
@@ -34,13 +30,22 @@ MAX_TILES = 64
 LINESTYLES = ("-", "--", ":", "-.")
 
 
-def _figure(kind: str) -> Figure:
+def _figure(kind: str) -> Any:
+    """A matplotlib Figure on an Agg canvas (matplotlib is imported here, on first use: the
+    command line starts without it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     fig = Figure(figsize=SIZES[kind], dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _colours(name: str = "tab10") -> Any:
+    from matplotlib import colormaps
+    return colormaps[name]
+
+
+def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return path
@@ -130,7 +135,7 @@ def plot_tsne(run: RunDir, out: Path, samples: int = 1000, data_dir: str | None 
     labels = y.cpu().numpy()
     fig = _figure("tsne")
     ax = fig.add_subplot()
-    cmap = colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    cmap = _colours("tab10" if len(classes) <= 10 else "tab20")
     for k, cls in enumerate(classes):
         pick = labels == k
         ax.scatter(points[pick, 0], points[pick, 1], s=6, color=cmap(k), label=cls)
@@ -161,7 +166,7 @@ def plot_curves(runs: Sequence[RunDir], out: Path) -> Path:
     """Loss and accuracy per epoch (train: running mean over the epoch; val; test) of ``runs``."""
     fig = _figure("curves")
     axes = fig.subplots(1, 2)
-    cmap = colormaps["tab10"]
+    cmap = _colours()
     for i, run in enumerate(runs):
         if not run.metrics:
             raise ValueError(f"run {run.path} has no metrics.jsonl records to plot")
@@ -197,7 +202,7 @@ def plot_alignment(runs: Sequence[RunDir], out: Path) -> Path:
     fig = _figure("alignment")
     axes = fig.subplots(1, 3 if flips else 2)
     axes[1].sharey(axes[0])
-    cmap = colormaps["tab10"]
+    cmap = _colours()
     depth = 0
     for i, run in enumerate(runs):
         style = LINESTYLES[i % len(LINESTYLES)]
@@ -223,6 +228,7 @@ def plot_alignment(runs: Sequence[RunDir], out: Path) -> Path:
     if flips:
         axes[2].set_title("Sign units whose sign flipped\nsince the previous epoch (same batch)", fontsize=10)
         axes[2].set_ylabel("% of units (colour: the Sign after weight layer k)")
+    from matplotlib.lines import Line2D
     handles = [Line2D([], [], color=cmap(k % 10), label=f"weight layer {k + 1}") for k in range(depth)]
     handles += [Line2D([], [], color="black", ls=LINESTYLES[i % len(LINESTYLES)], label=run.label)
                 for i, run in enumerate(runs)]

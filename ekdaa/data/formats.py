@@ -10,7 +10,6 @@ from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from .dataset import DataError
 from .store import one_line
@@ -93,6 +92,7 @@ def _member_bytes(path: Path, tar: tarfile.TarFile, member: tarfile.TarInfo) -> 
 def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """An SVHN cropped-digits .mat file as (N, 3, 32, 32) images and labels 0..9 (10 -> 0)."""
     try:
+        import scipy.io  # on first use: the command line starts without it
         mat = scipy.io.loadmat(path, variable_names=("X", "y"))
     except Exception as err:  # scipy's parser fails on damaged input with many error types
         raise DataError(f"{path}: not a readable MATLAB .mat file ({one_line(err)})") from err

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits as sklearn_digits
 
 from .dataset import DataError, ImageDataset
 from .formats import check_range, parse_cifar_records, read_idx, read_svhn_mat, read_tar_members
@@ -153,7 +152,8 @@ def load_digits(_store: DataStore) -> ImageDataset:
 
     Pixels 0..16 are scaled to 0..255; the test split is a fixed 20% (permutation from seed 0).
     """
-    bunch = sklearn_digits()
+    from sklearn.datasets import load_digits  # on first use: the command line starts without it
+    bunch = load_digits()
     images = np.rint(bunch.images * (255 / 16)).astype(np.uint8)[:, None]
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED)).numpy()
     n_test = round(len(images) * DIGITS_TEST_FRACTION)

@@ -10,7 +10,8 @@ activation becomes a :class:`DirectFeedback` holding B_l (buffer ``feedback``, s
 ``(n_outputs, *z_l.shape[1:])``, Glorot-uniform); during the forward it leaves its
 output z_l with the rule, and the output layer wraps the logits in a hub whose
 backward hands each z_l the gradient B_l e_L. Autograd then applies f'(h_l) and
-the hidden layer's own weight gradient. DFA needs ``example_input`` at conversion
+the hidden layer's own weight gradient; the model's forward pre-hook empties the
+rule's pending list, so each forward starts clean. DFA needs ``example_input`` at conversion
 to find the output layer and each hidden layer's shape; each hidden activation
 must be its own module instance.
 """
@@ -37,6 +38,12 @@ class _HubFn(torch.autograd.Function):
         sent = tuple((e2 @ b.reshape(b.shape[0], -1).to(e2.dtype)).view(e_out.shape[0], *b.shape[1:])
                      for b in ctx.feedbacks)
         return (e_out, None, *sent)
+
+
+def _start_forward(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook on the converted model: a forward starts with no hidden outputs pending
+    (one that raised midway, or a partial forward through some of the layers, leaves none behind)."""
+    model.ekdaa_rule.pending.clear()
 
 
 class DirectFeedback(nn.Module):
@@ -76,6 +83,7 @@ class DirectFeedbackAlignment(Rule):
         finally:
             for hook in hooks:
                 hook.remove()
+        model.register_forward_pre_hook(_start_forward)
         weights = [i for i, (m, _) in enumerate(calls) if type(m) in FEEDBACK_CLASSES]
         if not weights:
             raise ConversionError("rule 'dfa': the model has no Conv2d/Linear layer")

@@ -7,10 +7,13 @@ learns, from e_L = softmax(h_L) - onehot(y):
 
 Any rule that trains the hidden layers must beat this; a rule that does worse has
 made its random features worse. It evaluates no derivative, so ``Sign`` networks run.
+The output layer is the last Conv2d/Linear the model registers; every other weight
+layer's parameters get ``requires_grad=False`` (so optimizers, weight decay and
+DistributedDataParallel leave them alone).
 """
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from .base import Rule
 
@@ -26,3 +29,10 @@ class LastLayer(Rule):
 
     def feedback(self, layer: nn.Module) -> None:
         return None  # no error travels below the output layer
+
+    def convert(self, model: nn.Module, example_input: Tensor | None = None) -> nn.Module:
+        model = super().convert(model, example_input)
+        *hidden, _ = [m for m in model.modules() if getattr(m, "rule", None) is self]
+        for layer in hidden:
+            layer.requires_grad_(False)
+        return model
