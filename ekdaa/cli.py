@@ -80,8 +80,19 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
+    """defaults < --config file (TOML, or a run's config.json) < flags; with --resume the run's
+    own config takes the place of the defaults and the file."""
     values: dict[str, Any] = {}
-    if args.config:
+    if args.resume:
+        if not args.out:
+            raise TrainError("--resume needs --out RUN_DIR, the run to continue")
+        if args.config:
+            raise TrainError("--resume continues a run with its own config: drop --config")
+        values = dataclasses.asdict(TrainConfig.load(args.out))
+    elif args.config and args.config.endswith(".json"):
+        values = dataclasses.asdict(TrainConfig.load(args.config))
+        values["out"] = None  # a new run: its own --out
+    elif args.config:
         path = Path(args.config)
         try:
             values = tomllib.loads(path.read_text())
@@ -185,9 +196,11 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model", description="Train one run. Precedence: defaults < "
                        "--config file < flags.")
-    t.add_argument("--config", help="TOML file of options (keys as flags, e.g. batch_size = 50)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
-                   "(its saved config, with the new --epochs)")
+    t.add_argument("--config", help="TOML file of options (keys as flags, e.g. batch_size = 50), or a run's "
+                   "config.json to train that run's config again (with a new --out)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
+                   "with its own config; --epochs N extends it, --device/--data-dir/--compile may change, any "
+                   "other change is refused")
     _train_options(t)
     t.set_defaults(func=cmd_train)
 

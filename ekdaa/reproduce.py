@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator
 
 from .data import DataError, load_dataset
 from .rules import RULES
-from .train import Diverged, TrainConfig, TrainError, train
+from .train import MACHINE_FIELDS, Diverged, TrainConfig, TrainError, train
 
 try:
     import tomllib
@@ -49,7 +49,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 #: Fields that do not change what a run computes, left out of its identity.
-NOT_IDENTITY = ("out", "device", "data_dir", "download", "eval_batch_size", "extra", "compile")
+NOT_IDENTITY = (*MACHINE_FIELDS, "extra")
 #: Fields added after runs were recorded: at their defaults they are left out of a run's
 #: identity, so the runs recorded before them keep their names.
 ADDED_LATER = ("target_function", "tau")

@@ -34,6 +34,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "step")
 AMP = ("none", "bf16")
 CHECKPOINT_FORMAT = "ekdaa-checkpoint-v1"
+#: TrainConfig fields that say where and how fast a run computes, not what: a resumed run may
+#: change them (and ``epochs``, to extend it); any other change is refused.
+MACHINE_FIELDS = ("out", "device", "data_dir", "download", "eval_batch_size", "compile")
 
 
 class TrainError(Exception):
@@ -107,6 +110,19 @@ class TrainConfig:
             raise TrainError("val_split and train_subset must be >= 0")
 
     @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        """The config a run directory's ``config.json`` (or that file itself) holds."""
+        path = Path(path)
+        path = path / "config.json" if path.is_dir() else path
+        try:
+            values = json.loads(path.read_text())["config"]
+        except FileNotFoundError:
+            raise TrainError(f"{path} does not exist: pass a run directory written by ekdaa train --out") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise TrainError(f"{path} is not a run's config.json (no 'config' object): {err}") from None
+        return cls.from_dict(values)
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
@@ -141,6 +157,16 @@ def save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -263,6 +289,23 @@ def environment() -> dict[str, Any]:
                 machine=platform.machine(), threads=torch.get_num_threads())
 
 
+def _resumed_config(saved: TrainConfig, asked: TrainConfig) -> TrainConfig:
+    """The run's own config, with the machine fields and ``epochs`` of ``asked``; any other
+    difference is refused, naming the option."""
+    changed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in (*MACHINE_FIELDS, "epochs")
+               and getattr(asked, f.name) != getattr(saved, f.name)]
+    if changed:
+        what = ", ".join(f"--{n.replace('_', '-')} {getattr(asked, n)!r} (the run's: {getattr(saved, n)!r})"
+                         for n in changed)
+        raise TrainError(f"--resume continues a run with its own config, but {what} would change it: "
+                         "drop the option, or start a new run with another --out")
+    if asked.epochs != saved.epochs and saved.lr_schedule != "none":
+        raise TrainError(f"--resume with --epochs {asked.epochs} would change the run's "
+                         f"{saved.lr_schedule} schedule over {saved.epochs} epochs: keep --epochs "
+                         f"{saved.epochs} or start a new run")
+    return dataclasses.replace(saved, epochs=asked.epochs, **{n: getattr(asked, n) for n in MACHINE_FIELDS})
+
+
 # -- the loop ------------------------------------------------------------------
 
 class Run:
@@ -285,13 +328,13 @@ class Run:
             if self.out is None or not (self.out / "checkpoint.pt").exists():
                 raise TrainError(f"--resume: no checkpoint.pt in {self.out}: start the run without --resume")
             state = load_checkpoint(self.out / "checkpoint.pt")  # on the CPU: RNG states must stay there
-            saved = TrainConfig.from_dict(state["config"])
-            if cfg.epochs != saved.epochs and saved.lr_schedule != "none":
-                raise TrainError(f"--resume with --epochs {cfg.epochs} would change the run's "
-                                 f"{saved.lr_schedule} schedule over {saved.epochs} epochs: keep --epochs "
-                                 f"{saved.epochs} or start a new run")
-            saved.epochs, saved.device, saved.out, saved.compile = cfg.epochs, cfg.device, cfg.out, cfg.compile
-            self.cfg = cfg = saved
+            self.cfg = cfg = _resumed_config(TrainConfig.from_dict(state["config"]), cfg)
+            if state["step"] and state.get("world", 1) != self.dist.world:
+                raise TrainError(
+                    f"{self.out}/checkpoint.pt was written mid-epoch by {state['world']} process(es), and this "
+                    f"run has {self.dist.world}: resume it with {state['world']} (torchrun --nproc-per-node "
+                    f"{state['world']}, or no torchrun for 1) to the end of epoch {state['epoch'] + 1}, then "
+                    "with any number")
         self.data = prepare_data(cfg, self.device)
         self.model, self.opt, self.sched = build(cfg, self.data, self.device)
         self.net = self.model  # what the step calls: DistributedDataParallel across ranks
@@ -309,12 +352,12 @@ class Run:
         self.history: list[dict[str, Any]] = []
         if state is not None:
             self._restore(state)
-        elif self.out is not None and self.dist.is_main:
-            if (self.out / "checkpoint.pt").exists():
-                raise TrainError(f"{self.out} already holds a run: continue it with --resume or choose "
-                                 "another --out")
+        elif self.out is not None and (self.out / "checkpoint.pt").exists():  # every rank looks
+            raise TrainError(f"{self.out} already holds a run: continue it with --resume or choose "
+                             "another --out")
+        if self.out is not None and self.dist.is_main:  # a resumed run's config.json gets its new epochs
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(
+            write_atomic(self.out / "config.json", json.dumps(
                 dict(config=dataclasses.asdict(cfg), environment=environment()), indent=2) + "\n")
         self.tracker = None  # the per-epoch look inside (alignment, sign flips), from the state reached
         if cfg.track_alignment:
@@ -467,10 +510,7 @@ class Run:
 
     def _write_metrics(self) -> None:
         if self.out is not None and self.dist.is_main:
-            text = "".join(json.dumps(r) + "\n" for r in self.history)
-            tmp = self.out / ".metrics.jsonl.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, self.out / "metrics.jsonl")
+            write_atomic(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
     def _summary(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}

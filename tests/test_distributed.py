@@ -4,6 +4,7 @@ An MLP: with max-pooling, rounding-level differences can flip a tie between equa
 (digits are mostly zeros) and route an error to another unit, a discrete, not a numeric, gap."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -44,6 +45,6 @@ def test_two_ranks_match_one_process_with_double_batch(tmp_path, rule):
     import json
     assert json.loads(ddp_metrics[-1])["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=0.01)
     # an epoch-end checkpoint from 2 ranks resumes in 1 process
-    resumed = train(TrainConfig(epochs=3, out=str(tmp_path / "ddp"), device="cpu"), resume=True,
+    resumed = train(dataclasses.replace(TrainConfig.load(tmp_path / "ddp"), epochs=3), resume=True,
                     log=lambda s: None)
     assert resumed["epochs"] == 3

@@ -25,6 +25,10 @@ def params(path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
+def load_metrics(run) -> list[dict]:
+    return [json.loads(line) for line in open(f"{run}/metrics.jsonl").read().splitlines()]
+
+
 def test_training_improves_and_writes_the_run_directory(tmp_path):
     cfg = tiny(tmp_path, epochs=3)
     summary = train(cfg, log=lambda s: None)
@@ -85,8 +89,10 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(tmp_path):
     state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert (state["epoch"], state["step"]) == (1, 3)
     with pytest.raises(TrainError, match="would change the run's cosine schedule"):
-        Run(tiny(tmp_path, "cut", epochs=3), resume=True)
-    train(tiny(tmp_path, "cut"), resume=True, log=lambda s: None)
+        Run(tiny(tmp_path, "cut", epochs=3, lr_schedule="cosine", augment=True), resume=True)
+    with pytest.raises(TrainError, match="--augment False .the run's: True. would change it"):
+        Run(tiny(tmp_path, "cut", lr_schedule="cosine"), resume=True)
+    train(tiny(tmp_path, "cut", lr_schedule="cosine", augment=True), resume=True, log=lambda s: None)
     full, cut = params(tmp_path / "full" / "checkpoint.pt"), params(tmp_path / "cut" / "checkpoint.pt")
     assert all(torch.equal(full[k], cut[k]) for k in full)
 
@@ -107,6 +113,39 @@ def test_ctrl_c_in_the_first_epoch_resumes(tmp_path):
     train(tiny(tmp_path, "cut", epochs=1), resume=True, log=lambda s: None)
     full, cut = params(tmp_path / "full" / "checkpoint.pt"), params(tmp_path / "cut" / "checkpoint.pt")
     assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_cli_resume_continues_the_run_with_its_own_config(tmp_path, capsys):
+    run = str(tmp_path / "r")
+    args = ["train", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--train-subset", "200",
+            "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu"]
+    assert main([*args, "--out", run]) == 0
+    assert main(["train", "--out", run, "--resume"]) == 0  # nothing left to train: still 2 epochs
+    assert TrainConfig.load(run).epochs == 2 and len(load_metrics(run)) == 2
+    assert main(["train", "--out", run, "--resume", "--epochs", "3", "--lr", "0.05"]) == 0  # same lr: fine
+    assert TrainConfig.load(run).epochs == 3 and [m["epoch"] for m in load_metrics(run)] == [1, 2, 3]
+    capsys.readouterr()
+    assert main(["train", "--out", run, "--resume", "--lr", "0.5", "--rule", "fa"]) == 1
+    err = capsys.readouterr().err
+    assert "--rule 'fa' (the run's: 'ekdaa'), --lr 0.5 (the run's: 0.05)" in err and len(err.splitlines()) == 1
+    assert main(["train", "--resume"]) == 1 and "--resume needs --out" in capsys.readouterr().err
+    # a run's config.json as --config: the same run again, elsewhere
+    assert main(["train", "--config", f"{run}/config.json", "--epochs", "3", "--out", str(tmp_path / "again")]) == 0
+    a, b = params(f"{run}/checkpoint.pt"), params(tmp_path / "again" / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mid_epoch_checkpoint_resumes_only_under_its_world_size(tmp_path):
+    train(tiny(tmp_path, epochs=1), log=lambda s: None)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    state.update(world=2, step=3)
+    torch.save(state, path)
+    with pytest.raises(TrainError, match="mid-epoch by 2 process.*this run has 1.*nproc-per-node 2"):
+        Run(tiny(tmp_path, epochs=2), resume=True)
+    state["step"] = 0  # an epoch-end checkpoint resumes under any number of processes
+    torch.save(state, path)
+    Run(tiny(tmp_path, epochs=2), resume=True)
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path):
