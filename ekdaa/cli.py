@@ -175,11 +175,11 @@ def _csv(text: str) -> list[str]:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce
-    suite = args.suite if args.suite.endswith(".toml") else f"configs/suites/{args.suite}.toml"
     seeds = [int(s) for s in args.seeds] if args.seeds else None
-    records = reproduce(suite, args.datasets, args.rules, seeds, args.activations, args.data_dir, args.device,
-                        args.results)
-    print(f"{len(records)} finished runs under {args.results}; write the table with: ekdaa report")
+    records = reproduce(args.suite, args.datasets, args.rules, seeds, args.activations, args.data_dir, args.device,
+                        args.results, download=args.download, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"{len(records)} finished runs under {args.results}; write the table with: ekdaa report")
     return 0
 
 
@@ -214,10 +214,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="JSON file to write (default: eval-DATASET-SPLIT.json beside the checkpoint)")
     e.set_defaults(func=cmd_eval)
 
+    from .reproduce import SUITES
     r = sub.add_parser("reproduce", help="run every missing run of a suite",
-                       description="Train each run of a suite (configs/suites/NAME.toml) that has no record "
-                       "under --results yet; interrupted runs resume from their checkpoints.")
-    r.add_argument("--suite", required=True, help="suite name in configs/suites (cpu, paper) or a .toml path")
+                       description="Train each run of a suite that has no record under --results yet; "
+                       "interrupted runs resume from their checkpoints.")
+    r.add_argument("--suite", required=True, help=f"a shipped suite ({', '.join(SUITES)}) or a .toml path")
     r.add_argument("--datasets", type=_csv, help="comma-separated subset of the suite's datasets")
     r.add_argument("--rules", type=_csv, help="comma-separated subset of the suite's rows (rule names/labels)")
     r.add_argument("--activations", type=_csv, help="comma-separated subset of the suite's activations")
@@ -225,6 +226,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", help="folder with one sub-folder per dataset")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     r.add_argument("--results", default="results", help="where run records go (default results)")
+    r.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download missing datasets; with --no-download a dataset whose files are absent is "
+                   "skipped and noted for the report (default on)")
+    r.add_argument("--dry-run", action="store_true", help="list each run as done, train, resume or skip; "
+                   "train nothing")
     r.set_defaults(func=cmd_reproduce)
 
     rp = sub.add_parser("report", help="write RESULTS.md from finished runs",

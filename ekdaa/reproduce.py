@@ -1,4 +1,5 @@
-"""Suites of runs (``configs/suites/*.toml``) and the results table built from them.
+"""Suites of runs (shipped in ``ekdaa/suites/*.toml``, or any .toml file) and the results
+table built from them.
 
 A suite file states its whole protocol::
 
@@ -23,7 +24,8 @@ Rules that need f'(h) are skipped for ``sign``. A run is identified by a hash of
 full config: ``reproduce`` trains each missing run (checkpoints under
 ``runs/<suite>/``, resumed after an interruption) and copies its small record
 (config, metrics, summary, provenance) to ``results/<suite>/<dataset>/<run>/``.
-A dataset whose files are absent is skipped and noted for the report.
+A dataset that cannot be had (absent under ``download=False``, or its download
+failed) is skipped and noted for the report; ``dry_run`` lists what would happen.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .data import DataError, load_dataset
+from .data import DataError, missing_files
 from .rules import RULES
 from .train import MACHINE_FIELDS, Diverged, TrainConfig, TrainError, train
 
@@ -73,11 +75,25 @@ class PlannedRun:
         return f"{self.label}-{c.activation}-s{c.seed}-{self.key}"
 
 
-def load_suite(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+SUITES_DIR = Path(__file__).parent / "suites"
+#: The suites that ship with the package, by name.
+SUITES = sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+
+
+def suite_path(suite: str | Path) -> Path:
+    """A shipped suite's file by name (``cpu``), or the .toml path given."""
+    if str(suite).endswith(".toml") or Path(suite).is_file():
+        return Path(suite)
+    if suite not in SUITES:
+        raise TrainError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}, or give a .toml path")
+    return SUITES_DIR / f"{suite}.toml"
+
+
+def load_suite(suite: str | Path) -> dict[str, Any]:
+    """A suite by name or path, parsed."""
+    path = suite_path(suite)
     if not path.is_file():
-        suites = sorted(p.stem for p in Path("configs/suites").glob("*.toml"))
-        raise TrainError(f"suite {path} does not exist (suites in configs/suites: {', '.join(suites) or 'none'})")
+        raise TrainError(f"suite {path} does not exist (shipped suites: {', '.join(SUITES)})")
     try:
         suite = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
@@ -127,13 +143,14 @@ def provenance(suite: str) -> dict[str, Any]:
                 cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d"))
 
 
-def reproduce(suite_path: str | Path, datasets: list[str] | None = None, rules: list[str] | None = None,
+def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[str] | None = None,
               seeds: list[int] | None = None, activations: list[str] | None = None,
               data_dir: str | None = None, device: str = "auto",
-              results: str | Path = "results", runs_dir: str | Path = "runs",
-              log: Callable[[str], None] = print) -> list[Path]:
-    """Train every missing run of a suite; return the record folders of all its runs."""
-    suite = load_suite(suite_path)
+              results: str | Path = "results", runs_dir: str | Path = "runs", download: bool = True,
+              dry_run: bool = False, log: Callable[[str], None] = print) -> list[Path]:
+    """Train every missing run of a suite (``dry_run``: only say, per run, done / train /
+    resume / skip); return the record folders of its finished runs."""
+    suite = load_suite(suite)
     name = suite["suite"]["name"]
     done, skipped, failed = [], {}, {}
     origin = provenance(name)  # the code this process runs
@@ -142,23 +159,31 @@ def reproduce(suite_path: str | Path, datasets: list[str] | None = None, rules: 
         record = Path(results) / name / ds / run.name
         if (record / "summary.json").exists():
             done.append(record)
+            if dry_run:
+                log(f"done    {ds}/{run.name}")
             continue
+        if ds not in skipped and not download:
+            reason = missing_files(ds, data_dir)
+            if reason:
+                skipped[ds] = f"{reason} (downloads off)"
+                log(f"skip {ds}: {skipped[ds]}")
         if ds in skipped:
             continue
-        reason = _missing(ds, data_dir)
-        if reason:
-            skipped[ds] = reason
-            log(f"skip {ds}: {reason}")
-            continue
         work = Path(runs_dir) / name / ds / run.name
-        cfg = dataclasses.replace(run.config, out=str(work), data_dir=data_dir, device=device)
+        cfg = dataclasses.replace(run.config, out=str(work), data_dir=data_dir, device=device, download=download)
         resume = (work / "checkpoint.pt").exists()
-        log(f"{'resume' if resume else 'train'} {ds}/{run.name}")
+        log(f"{'resume' if resume else 'train'}{'  ' if dry_run else ' '}{ds}/{run.name}")
+        if dry_run:
+            continue
         try:
             train(cfg, resume=resume, log=log)
         except Diverged as err:  # recorded for the report; the suite goes on
             failed[f"{ds}/{run.name}"] = str(err)
             log(f"diverged {ds}/{run.name}: {err}")
+            continue
+        except DataError as err:  # the dataset cannot be had: the other datasets go on
+            skipped[ds] = str(err)
+            log(f"skip {ds}: {err}")
             continue
         record.mkdir(parents=True, exist_ok=True)
         for file in ("config.json", "metrics.jsonl", "summary.json"):
@@ -166,19 +191,11 @@ def reproduce(suite_path: str | Path, datasets: list[str] | None = None, rules: 
         (record / "provenance.json").write_text(json.dumps({**origin, "label": run.label}, indent=2))
         done.append(record)
     for file, notes in (("skipped.json", skipped), ("diverged.json", failed)):
-        if notes:
+        if notes and not dry_run:
             path = Path(results) / name / file
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(notes, indent=2) + "\n")
     return done
-
-
-def _missing(dataset: str, data_dir: str | None) -> str | None:
-    try:
-        load_dataset(dataset, data_dir)
-    except DataError as err:
-        return str(err)
-    return None
 
 
 # -- the report ------------------------------------------------------------------

@@ -58,7 +58,7 @@ class TrainConfig:
     bias: bool = False
     epochs: int = 10
     batch_size: int = 50
-    optimizer: str = "adam"  # Adam lr 1e-3 won the validation sweep (configs/suites/sweep-cpu.toml)
+    optimizer: str = "adam"  # Adam lr 1e-3 won the validation sweep (ekdaa/suites/sweep-cpu.toml)
     lr: float = 0.001
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0

@@ -85,7 +85,12 @@ def test_reproduce_runs_missing_skips_done_and_absent_datasets(suite, tmp_path, 
     for record in records:
         assert {p.name for p in record.iterdir()} == {"config.json", "metrics.jsonl", "summary.json",
                                                        "provenance.json"}
-    monkeypatch.setattr(rp, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    def train_again(cfg, **_):
+        if cfg.dataset == "digits":
+            pytest.fail("a finished run was trained again")
+        raise rp.DataError("still offline")  # an absent dataset is tried again, and skipped again
+
+    monkeypatch.setattr(rp, "train", train_again)
     assert sorted(rp.reproduce(suite, **kw)) == sorted(records)
 
     out = rp.report(tmp_path / "results", tmp_path / "RESULTS.md")
@@ -93,6 +98,35 @@ def test_reproduce_runs_missing_skips_done_and_absent_datasets(suite, tmp_path, 
     assert "| bp | tanh |" in text and "| ekdaa | tanh |" in text and " ± " in text
     assert "cifar10" in text and "Skipped" in text
     assert (tmp_path / "results" / "figures" / "tiny-digits-curves.png").stat().st_size > 1000
+
+
+def test_dry_run_and_no_download_look_without_training_or_loading(suite, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rp, "train", lambda *a, **k: pytest.fail("a dry run trained"))
+    from ekdaa.data import DATASETS
+    monkeypatch.setitem(DATASETS, "cifar10", lambda *a, **k: pytest.fail("cifar10 was loaded"))
+    lines: list[str] = []
+    kw = dict(rules=["bp"], activations=["tanh"], seeds=[0], data_dir=str(tmp_path / "no-data"), log=lines.append)
+    assert rp.reproduce(suite, dry_run=True, download=False, **kw) == []
+    name = rp.plan(rp.load_suite(suite), datasets=["digits"], rules=["bp"], seeds=[0], activations=["tanh"])[0].name
+    assert lines[0] == f"train  digits/{name}"
+    assert lines[1].startswith("skip cifar10: ") and "cifar-10-binary.tar.gz not found (downloads off)" in lines[1]
+    assert not (tmp_path / "results").exists()  # nothing written, not even skipped.json
+
+
+def test_cli_reproduce_finds_shipped_suites_from_anywhere(tmp_path, monkeypatch, capsys):
+    from ekdaa.cli import main
+    monkeypatch.chdir(tmp_path)
+    args = ["reproduce", "--suite", "cpu", "--datasets", "fashion-mnist", "--activations", "sign", "--dry-run",
+            "--no-download", "--data-dir", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "skip fashion-mnist: " in out and "train-images-idx3-ubyte.gz" in out and "(downloads off)" in out
+    assert main(["reproduce", "--suite", "nope", "--dry-run"]) == 1
+    assert "unknown suite 'nope': choose one of cpu, paper, sign-cpu, sweep-cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    assert "cpu, paper, sign-cpu, sweep-cpu" in " ".join(capsys.readouterr().out.split())
 
 
 def test_interrupted_run_resumes(suite, tmp_path, monkeypatch):
@@ -161,7 +195,7 @@ def test_report_chooses_each_rules_row_on_validation_not_test(tmp_path):
 def test_shipped_suites_plan_and_keep_their_records(name):
     from pathlib import Path
     root = Path(__file__).parent.parent
-    runs = rp.plan(rp.load_suite(root / "configs" / "suites" / f"{name}.toml"))
+    runs = rp.plan(rp.load_suite(name))
     assert runs and len({r.key for r in runs}) == len(runs)
     # A new config field or a changed suite must not orphan committed records (they would be rerun).
     recorded = {p.parent.name for p in (root / "results" / name).glob("*/*/summary.json")}

@@ -6,7 +6,7 @@ decorated with @register_dataset("name").
 
 from . import loaders as _loaders  # noqa: F401  (registers the built-in datasets)
 from .dataset import DataError, ImageDataset
-from .registry import DATASETS, load_dataset, register_dataset
+from .registry import DATASETS, load_dataset, missing_files, register_dataset
 from .store import DataStore, RemoteFile, default_data_dir
 from .transforms import NORMALIZATIONS, Normalizer, augment, batches, split_validation
 
@@ -22,6 +22,7 @@ __all__ = [
     "batches",
     "default_data_dir",
     "load_dataset",
+    "missing_files",
     "register_dataset",
     "split_validation",
 ]

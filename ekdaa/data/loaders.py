@@ -80,7 +80,11 @@ def _fashion_split(store: DataStore, prefix: str) -> Split:
     return images, labels
 
 
-@register_dataset("fashion-mnist")
+def _fashion_files(store: DataStore) -> list[tuple[Path, ...]]:
+    return [(store.path("fashion-mnist", name),) for name in FASHION_MD5]
+
+
+@register_dataset("fashion-mnist", files=_fashion_files)
 def load_fashion_mnist(store: DataStore) -> ImageDataset:
     """Fashion-MNIST: 60,000 + 10,000 grey 28x28 images, official IDX files."""
     train, test = _fashion_split(store, "train"), _fashion_split(store, "t10k")
@@ -114,7 +118,11 @@ def _cifar_batches(blobs: dict[str, bytes], names: tuple[str, ...], source: str)
     return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
-@register_dataset("cifar10")
+def _cifar_files(store: DataStore) -> list[tuple[Path, ...]]:
+    return [(store.path(CIFAR_TAR.folder, CIFAR_DIR), store.path(CIFAR_TAR.folder, CIFAR_TAR.name))]
+
+
+@register_dataset("cifar10", files=_cifar_files)
 def load_cifar10(store: DataStore) -> ImageDataset:
     """CIFAR-10: 50,000 + 10,000 colour 32x32 images, from cifar-10-batches-bin/ or the .tar.gz.
 
@@ -133,7 +141,11 @@ def _svhn_split(store: DataStore, split: str) -> Split:
     return store.load(RemoteFile("svhn", name, SVHN_URL + name, SVHN_MD5[split]), read_svhn_mat)
 
 
-@register_dataset("svhn")
+def _svhn_files(store: DataStore) -> list[tuple[Path, ...]]:
+    return [(store.path("svhn", f"{split}_32x32.mat"),) for split in ("train", "test")]
+
+
+@register_dataset("svhn", files=_svhn_files)
 def load_svhn(store: DataStore, *, extra: bool = False) -> ImageDataset:
     """SVHN cropped digits: 73,257 + 26,032 colour 32x32 images, official .mat files.
 
