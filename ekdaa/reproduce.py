@@ -239,7 +239,7 @@ def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> P
         skipped = results / suite / "skipped.json"
         for dataset in sorted({k[1] for k in groups if k[0] == suite}):
             keys = sorted((k for k in groups if k[:2] == (suite, dataset)), key=lambda k: (k[3], k[2]))
-            figure = _curves(results, suite, dataset, {f"{k[2]} ({k[3]})": groups[k] for k in keys})
+            figure = _curves(results, suite, dataset, {k: groups[k] for k in keys})
             lines += [f"### {dataset}", "", f"![learning curves]({figure.as_posix()})", "",
                       "| rule | activation | test acc | val acc | train acc | epochs | seeds | wall time (s) | images/s | commit | machine |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -289,22 +289,9 @@ def _best_by_validation(rows: dict[tuple, list[dict[str, Any]]]) -> list[str]:
     return ["Chosen on validation accuracy (never test):", ""] + chosen + [""] if chosen else []
 
 
-def _curves(results: Path, suite: str, dataset: str, rows: dict[str, list[dict[str, Any]]]) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, recs in rows.items():
-        metrics = recs[0]["metrics"]
-        ax.plot([m["epoch"] for m in metrics], [100 * m["test_accuracy"] for m in metrics], marker="o",
-                label=f"{label}, seed {recs[0]['summary']['seed']}")
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{dataset}: test accuracy per epoch (suite {suite})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = results / "figures" / f"{suite}-{dataset}-curves.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+def _curves(results: Path, suite: str, dataset: str, rows: dict[tuple, list[dict[str, Any]]]) -> Path:
+    from .analysis.pictures import SuiteRow, plot_suite
+    table = [SuiteRow(label, recs[0]["summary"]["rule"], activation, [r["metrics"] for r in recs])
+             for (_, _, label, activation), recs in rows.items()]
+    return plot_suite(table, f"{dataset}: test accuracy, suite {suite}",
+                      results / "figures" / f"{suite}-{dataset}-curves.png")

@@ -294,3 +294,17 @@ def test_help_lists_the_analysis_commands(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--track-alignment" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_suite_plot_draws_every_row_with_its_seeds(tmp_path, epochs):
+    from ekdaa.analysis.pictures import SuiteRow, plot_suite
+
+    def seed(acc):
+        return [dict(epoch=e + 1, test_accuracy=acc + 0.01 * e) for e in range(epochs)]
+
+    rows = [SuiteRow("bp", "bp", "tanh", [seed(0.8), seed(0.82)]), SuiteRow("ekdaa", "ekdaa", "tanh", [seed(0.7)]),
+            SuiteRow("ekdaa-smooth", "ekdaa", "sign", [seed(0.6), seed(0.5)])]
+    path = plot_suite(rows, "title", tmp_path / "suite.png")
+    width, height = SIZES["suite"]
+    assert png_size(path) == (round(width * DPI), round(height * DPI)) and path.stat().st_size > 10_000

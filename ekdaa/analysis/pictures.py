@@ -5,12 +5,15 @@
 * ``tsne``: t-SNE of the penultimate layer on the first test images, coloured by class;
 * ``curves``: loss and accuracy per epoch of one or several runs;
 * ``alignment``: feedback and update angles per epoch, and sign flips of Sign networks
-  (runs trained with track_alignment).
+  (runs trained with track_alignment);
+* :func:`plot_suite`: a suite's rows on one dataset (``ekdaa report``).
 """
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..rules import RULES
 from .alignment import feedback_tensor, weight_layers
 from .runs import RunDir
 
@@ -25,9 +29,10 @@ PICTURES = ("filters", "kernels", "tsne", "curves", "alignment")
 DPI = 100
 #: figure sizes in inches; a PNG is (width * DPI, height * DPI) pixels
 SIZES = {"filters": (6.4, 6.8), "kernels": (6.4, 6.8), "tsne": (7.6, 6.4), "curves": (12.0, 4.8),
-         "alignment": (12.0, 4.8), "robustness": (7.2, 5.0)}
+         "alignment": (12.0, 4.8), "robustness": (7.2, 5.0), "suite": (11.0, 5.5)}
 MAX_TILES = 64
 LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "v", "D", "x")
 
 
 def _figure(kind: str) -> Any:
@@ -269,6 +274,56 @@ def visualize(run_dirs: Sequence[str | Path], what: str = "all", out: str | Path
                 else:
                     written.append(plot_filters(run, out, kernels=kind == "kernels"))
     return written
+
+
+@dataclass
+class SuiteRow:
+    """One row of a suite's table: its label, rule, activation and each seed's metrics.jsonl."""
+
+    label: str
+    rule: str
+    activation: str
+    seeds: list[list[dict[str, Any]]]
+
+
+def plot_suite(rows: Sequence[SuiteRow], title: str, path: Path) -> Path:
+    """Test accuracy of a suite's rows on one dataset: per epoch, the mean over seeds with a
+    band from the lowest to the highest seed; colour = rule, line style and marker = the row
+    within its rule. A suite of one-epoch runs is drawn as bars (mean, whiskers min..max)."""
+    fig = _figure("suite")
+    ax = fig.add_subplot()
+    rules = sorted({row.rule for row in rows}, key=lambda r: (list(RULES).index(r) if r in RULES else 99, r))
+    colour = {rule: _colours()(i % 10) for i, rule in enumerate(rules)}
+    within: dict[str, int] = {}
+    if all(len(m) == 1 for row in rows for m in row.seeds):
+        rows = sorted(rows, key=lambda r: statistics.mean(100 * m[-1]["test_accuracy"] for m in r.seeds))
+        for y, row in enumerate(rows):
+            acc = [100 * m[-1]["test_accuracy"] for m in row.seeds]
+            mean = statistics.mean(acc)
+            ax.barh(y, mean, xerr=[[mean - min(acc)], [max(acc) - mean]], color=colour[row.rule], capsize=2)
+            ax.text(max(acc) + 0.5, y, f"{mean:.1f}", va="center", fontsize=7)
+        ax.set_yticks(range(len(rows)), [f"{row.label} ({row.activation})" for row in rows], fontsize=7)
+        ax.set_xlabel("test accuracy after one epoch (%; mean over seeds, whiskers min..max)")
+        ax.grid(alpha=0.3, axis="x")
+        from matplotlib.patches import Patch
+        ax.legend(handles=[Patch(color=colour[r], label=r) for r in rules], fontsize=7, loc="lower right")
+    else:
+        for row in rows:
+            i = within[row.rule] = within.get(row.rule, -1) + 1
+            epochs = [r["epoch"] for r in row.seeds[0]]
+            acc = np.array([[100 * r["test_accuracy"] for r in m[:len(epochs)]] for m in row.seeds
+                            if len(m) >= len(epochs)])
+            ax.plot(epochs, acc.mean(0), LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)], ms=4,
+                    color=colour[row.rule], label=f"{row.label} ({row.activation}), {len(acc)} seed(s)")
+            if len(acc) > 1:
+                ax.fill_between(epochs, acc.min(0), acc.max(0), color=colour[row.rule], alpha=0.15, lw=0)
+        ax.set(xlabel="epoch", ylabel="test accuracy (%; mean over seeds, band min..max)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def plot_robustness(result: dict[str, Any], path: Path) -> Path:
