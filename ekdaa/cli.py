@@ -14,7 +14,7 @@ from .data import DATASETS, NORMALIZATIONS, DataError
 from .models import ACTIVATIONS, MODELS
 from .rules import RULES, ConversionError
 from .rules.ekdaa import ERROR_KERNEL_INITS, ERROR_NORMS, POOL_ROUTINGS, TARGET_FUNCTIONS
-from .train import AMP, OPTIMIZERS, SCHEDULES, Diverged, TrainConfig, TrainError
+from .config import AMP, OPTIMIZERS, SCHEDULES, Diverged, TrainConfig, TrainError
 
 try:
     import tomllib

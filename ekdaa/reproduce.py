@@ -43,7 +43,8 @@ from typing import Any, Callable, Iterator
 
 from .data import DataError, missing_files
 from .rules import RULES
-from .train import MACHINE_FIELDS, Diverged, TrainConfig, TrainError, train
+from .config import MACHINE_FIELDS, Diverged, TrainConfig, TrainError
+from .train import train
 
 try:
     import tomllib

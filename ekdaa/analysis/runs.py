@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from ..data import Normalizer, load_dataset
 from ..models import build_model
-from ..train import TrainConfig, TrainError, load_checkpoint, load_model, resolve_device
+from ..checkpoint import TrainedModel, load_model
+from ..config import TrainConfig, TrainError, resolve_device
 
 #: state_dict names of feedback tensors (EKDAA's error kernels, FA/KP/DFA's B): a plain model has none
 FEEDBACK_KEYS = ("error_kernel", "feedback")
@@ -84,28 +85,25 @@ class RunDir:
         return [json.loads(line) for line in lines if line.strip()]
 
     @cached_property
-    def _loaded(self) -> tuple[nn.Module, Normalizer, tuple[int, int, int], int]:
-        checkpoint = self.path / "checkpoint.pt"
-        state = load_checkpoint(checkpoint, "cpu")
-        model, _, normalizer = load_model(checkpoint, str(self.device))
-        return model, normalizer, tuple(state["image_shape"]), state["num_classes"]
+    def _loaded(self) -> TrainedModel:
+        return load_model(self.path / "checkpoint.pt", str(self.device))
 
     @property
     def model(self) -> nn.Module:
         """The trained model, converted to its rule, in eval mode."""
-        return self._loaded[0]
+        return self._loaded.model
 
     @property
     def normalizer(self) -> Normalizer:
-        return self._loaded[1]
+        return self._loaded.normalizer
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self._loaded[2]
+        return self._loaded.image_shape
 
     def plain(self) -> nn.Module:
         """The model unconverted (autograd backward), same weights, eval mode."""
-        return plain_copy(self.model, self.cfg, self.image_shape, self._loaded[3])
+        return plain_copy(self.model, self.cfg, self.image_shape, self._loaded.num_classes)
 
     def test_images(self, samples: int = 0, data_dir: str | None = None) -> tuple[Tensor, Tensor, tuple[str, ...]]:
         """The first ``samples`` test images (0: all) as uint8 on the device, labels, class names."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from ..layers import ACTIVATIONS, FEEDBACK_CLASSES, PASSTHROUGH, Sign
