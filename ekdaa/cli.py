@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .analysis import ATTACKS, PICTURES
-from .data import DATASETS, NORMALIZATIONS, DataError
-from .models import ACTIVATIONS, MODELS
-from .rules import RULES, ConversionError
-from .rules.ekdaa import ERROR_KERNEL_INITS, ERROR_NORMS, POOL_ROUTINGS, TARGET_FUNCTIONS
-from .config import AMP, OPTIMIZERS, SCHEDULES, Diverged, TrainConfig, TrainError
+from .config import Diverged, TrainConfig, TrainError
+from .data import DATASETS, DataError
+from .rules import ConversionError
 
 try:
     import tomllib
@@ -23,60 +21,22 @@ except ModuleNotFoundError:  # Python 3.10
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field as a flag; defaults are None so a config file can sit between."""
-    d = TrainConfig()
-    g = p.add_argument_group("what to train")
-    g.add_argument("--dataset", choices=list(DATASETS), help=f"dataset (default {d.dataset})")
-    g.add_argument("--model", choices=list(MODELS), help=f"network (default {d.model})")
-    g.add_argument("--rule", choices=list(RULES), help=f"learning rule (default {d.rule})")
-    g.add_argument("--activation", choices=list(ACTIVATIONS), help=f"activation (default {d.activation})")
-    g.add_argument("--bias", action=argparse.BooleanOptionalAction, help="biases in every layer (default off)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
-    g.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer})")
-    g.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
-    g.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum})")
-    g.add_argument("--weight-decay", type=float, help=f"weight decay, also on learned feedback (default {d.weight_decay})")
-    g.add_argument("--lr-schedule", choices=SCHEDULES, help="per-epoch schedule: cosine to 0, or x0.1 every "
-                   f"epochs/3 (default {d.lr_schedule})")
-    g = p.add_argument_group("EKDAA options (ignored by other rules)")
-    g.add_argument("--beta", type=float, help=f"target step: h~ = h - beta*d (default {d.beta})")
-    g.add_argument("--gamma", type=float, help=f"error-kernel learning rate relative to W's (default {d.gamma})")
-    g.add_argument("--error-kernel-init", choices=ERROR_KERNEL_INITS,
-                   help=f"random: Glorot, no weight transport; transpose: E = W at init (default {d.error_kernel_init})")
-    g.add_argument("--pool-routing", choices=POOL_ROUTINGS,
-                   help=f"how d passes max-pools (default {d.pool_routing})")
-    g.add_argument("--error-norm", choices=ERROR_NORMS,
-                   help="max: divide each sample's d by max|d| when > 1; relative: multiply it by the RMS of "
-                   f"the sample's h (default {d.error_norm})")
-    g.add_argument("--target-function", choices=TARGET_FUNCTIONS,
-                   help="activation: target f(h - beta*d), the paper's; smooth: target and error map through "
-                   "g = tanh(u/tau) for sign (hardtanh, relu6: by their bounds), not the paper's "
-                   f"(default {d.target_function})")
-    g.add_argument("--tau", type=float, help=f"temperature of the smooth target's g (default {d.tau})")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="folder with one sub-folder per dataset (fashion-mnist/, cifar-10/, "
-                   "svhn/); default: $EKDAA_DATA or the user cache, downloading what is missing")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, help="download missing files (default on)")
-    g.add_argument("--val-split", type=int, help="hold out this many training images for validation, fixed "
-                   f"by seed (default {d.val_split})")
-    g.add_argument("--train-subset", type=int, help="train on the first N training images only (0: all)")
-    g.add_argument("--normalization", choices=NORMALIZATIONS,
-                   help=f"half: x/255-0.5; standard: per-channel mean/std (default {d.normalization})")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                   help="random crop (pad 4), plus horizontal flip for cifar10 (default off)")
-    g = p.add_argument_group("machine and output")
-    g.add_argument("--seed", type=int, help=f"seed of weights, feedback, split and order (default {d.seed})")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--amp", choices=AMP, help="bf16 autocast for the forward pass (default none)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory format")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model for training steps (needs a C++ compiler on CPU; default off)")
-    g.add_argument("--eval-batch-size", type=int, help=f"batch size for evaluation (default {d.eval_batch_size})")
-    g.add_argument("--track-alignment", action=argparse.BooleanOptionalAction,
-                   help="log per-layer angles (feedback vs W, update vs backprop) to metrics.jsonl each epoch")
-    g.add_argument("--out", help="run directory for config, metrics, summary and checkpoint (default none)")
+    """Every TrainConfig field as a flag, from the field's own declaration (its help, choices,
+    group); defaults are None so a config file can sit between."""
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+        flag, kind = f"--{f.name.replace('_', '-')}", type(f.default)
+        described = f"{meta['help']} (default {f.default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=described)
+        else:
+            group.add_argument(flag, type=str if f.default is None else kind, help=described,
+                               choices=list(choices) if choices is not None else None)
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:

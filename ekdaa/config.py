@@ -6,9 +6,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from .data import DATASETS, NORMALIZATIONS
+from .models import ACTIVATIONS, MODELS
+from .rules import RULES, ConversionError, Option
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "step")
@@ -26,67 +30,80 @@ class Diverged(TrainError):
     """NaN/inf loss or parameters; the last good checkpoint is kept."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (the defaults train the digits quickstart)."""
+def _option(default: Any, help: str, group: str, choices: Callable[[], Any] | tuple | None = None,
+            minimum: float | None = None, strict: bool = False, cli: bool = True) -> Any:
+    """A TrainConfig field with what ``ekdaa train`` needs to offer it as a flag: its help, its
+    flag group, its allowed values (``choices``, or >= / > ``minimum``); ``cli=False`` keeps it
+    out of the command line."""
+    factory = dict(default_factory=default) if callable(default) else dict(default=default)
+    return field(**factory, metadata=dict(help=help, group=group, choices=choices, minimum=minimum, strict=strict,
+                                          cli=cli))
 
-    dataset: str = "digits"
-    model: str = "paper-cnn"
-    rule: str = "ekdaa"
-    activation: str = "tanh"
-    bias: bool = False
-    epochs: int = 10
-    batch_size: int = 50
-    optimizer: str = "adam"  # Adam lr 1e-3 won the validation sweep (ekdaa/suites/sweep-cpu.toml)
-    lr: float = 0.001
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 0.0
-    lr_schedule: str = "none"
-    # EKDAA options (ignored by the other rules)
-    beta: float = 0.9
-    gamma: float = 1.0
-    error_kernel_init: str = "random"
-    pool_routing: str = "max"
-    error_norm: str = "none"
-    target_function: str = "activation"  # 'smooth': through tanh(u / tau) for sign (not the paper's)
-    tau: float = 1.0
-    # data
-    data_dir: str | None = None
-    download: bool = True
-    val_split: int = 0
-    train_subset: int = 0
-    normalization: str = "half"
-    augment: bool = False
-    # machine
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False  # torch.compile the training step's model (evaluation stays eager)
-    eval_batch_size: int = 1000
-    track_alignment: bool = False  # log per-layer angles and Sign layers' flips each epoch (ekdaa.analysis)
-    out: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+WHAT, OPTIMISATION, DATA, MACHINE = "what to train", "optimisation", "data", "machine and output"
+
+
+@dataclass
+class _RunFields:
+    """Everything that defines a run besides its rule's options (the defaults train the
+    digits quickstart)."""
+
+    dataset: str = _option("digits", "dataset", WHAT, choices=lambda: DATASETS)
+    model: str = _option("paper-cnn", "network", WHAT, choices=lambda: MODELS)
+    rule: str = _option("ekdaa", "learning rule", WHAT, choices=lambda: RULES)
+    activation: str = _option("tanh", "activation", WHAT, choices=lambda: ACTIVATIONS)
+    bias: bool = _option(False, "biases in every layer", WHAT)
+    epochs: int = _option(10, "epochs", OPTIMISATION, minimum=1)
+    batch_size: int = _option(50, "batch size", OPTIMISATION, minimum=1)
+    # Adam lr 1e-3 won the validation sweep (ekdaa/suites/sweep-cpu.toml)
+    optimizer: str = _option("adam", "optimizer", OPTIMISATION, choices=OPTIMIZERS)
+    lr: float = _option(0.001, "learning rate", OPTIMISATION, minimum=0, strict=True)
+    momentum: float = _option(0.9, "SGD momentum", OPTIMISATION, minimum=0)
+    weight_decay: float = _option(0.0, "weight decay, also on learned feedback", OPTIMISATION, minimum=0)
+    lr_schedule: str = _option("none", "per-epoch schedule: cosine to 0, or x0.1 every epochs/3", OPTIMISATION,
+                               choices=SCHEDULES)
+    data_dir: str | None = _option(None, "folder with one sub-folder per dataset (fashion-mnist/, cifar-10/, "
+                                   "svhn/); none: $EKDAA_DATA or the user cache, downloading what is missing", DATA)
+    download: bool = _option(True, "download missing files", DATA)
+    val_split: int = _option(0, "hold out this many training images for validation, fixed by seed", DATA,
+                             minimum=0)
+    train_subset: int = _option(0, "train on the first N training images only (0: all)", DATA, minimum=0)
+    normalization: str = _option("half", "half: x/255-0.5; standard: per-channel mean/std", DATA,
+                                 choices=NORMALIZATIONS)
+    augment: bool = _option(False, "random crop (pad 4), plus horizontal flip for cifar10", DATA)
+    seed: int = _option(0, "seed of weights, feedback, split and order", MACHINE)
+    device: str = _option("auto", "auto, cpu, cuda or cuda:N", MACHINE)
+    amp: str = _option("none", "bf16 autocast for the forward pass", MACHINE, choices=AMP)
+    channels_last: bool = _option(False, "channels_last memory format", MACHINE)
+    compile: bool = _option(False, "torch.compile the model for training steps (needs a C++ compiler on CPU); "
+                            "evaluation stays eager", MACHINE)
+    eval_batch_size: int = _option(1000, "batch size for evaluation", MACHINE, minimum=1)
+    track_alignment: bool = _option(False, "log per-layer angles (feedback vs W, update vs backprop) and Sign "
+                                    "layers' flips to metrics.jsonl each epoch", MACHINE)
+    out: str | None = _option(None, "run directory for config, metrics, summary and checkpoint", MACHINE)
+    extra: dict[str, Any] = _option(dict, "free-form notes kept with the run", MACHINE, cli=False)
 
     def rule_options(self) -> dict[str, Any]:
-        if self.rule != "ekdaa":
-            return {}
-        return dict(beta=self.beta, gamma=self.gamma, error_kernel_init=self.error_kernel_init,
-                    pool_routing=self.pool_routing, error_norm=self.error_norm,
-                    target_function=self.target_function, tau=self.tau)
+        """The options of this run's rule, as ``ekdaa.convert`` takes them."""
+        return {o.name: getattr(self, o.name) for o in RULES[self.rule].OPTIONS if o.train}
 
     def validate(self) -> None:
-        for name, value, choices in (("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("lr_schedule", self.lr_schedule, SCHEDULES), ("amp", self.amp, AMP)):
-            if value not in choices:
-                raise TrainError(f"invalid {name} {value!r}: choose one of {', '.join(choices)}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise TrainError(f"lr must be > 0, got {self.lr}")
-        if self.val_split < 0 or self.train_subset < 0:
-            raise TrainError("val_split and train_subset must be >= 0")
+        """Every field's allowed values, and the rule's options (another rule's, changed: refused)."""
+        for f in dataclasses.fields(self):
+            value, choices, minimum = getattr(self, f.name), f.metadata.get("choices"), f.metadata.get("minimum")
+            choices = choices() if callable(choices) else choices
+            if choices is not None and value not in choices:
+                raise TrainError(f"invalid {f.name} {value!r}: choose one of {', '.join(choices)}")
+            if minimum is not None and not (value > minimum if f.metadata["strict"] else value >= minimum):
+                raise TrainError(f"{f.name} must be {'>' if f.metadata['strict'] else '>='} {minimum}, got {value}")
+            rules = f.metadata.get("rules")
+            if rules and self.rule not in rules and value != f.default:
+                raise TrainError(f"{f.name} is an option of rule {', '.join(rules)}, not of {self.rule!r}: "
+                                 "drop it or choose that rule")
+        try:
+            RULES[self.rule](**self.rule_options())
+        except ConversionError as err:
+            raise TrainError(str(err)) from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":
@@ -103,6 +120,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config from plain values (a TOML file, JSON), each checked against its field's type."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -115,6 +133,32 @@ class TrainConfig:
                 raise TrainError(f"config key {key} = {value!r} should be of type {type(default).__name__}"
                                  f"{' or null' if default is None else ''}, like its default {default!r}")
         return cls(**values)
+
+
+def _rule_option_fields() -> list[tuple[str, type, Any]]:
+    """One TrainConfig field per option of the registered rules (``Option.train``), declared by the rule."""
+    options: dict[str, tuple[Option, list[str]]] = {}
+    for name, rule in RULES.items():
+        for option in rule.OPTIONS:
+            if not option.train:
+                continue
+            first, rules = options.setdefault(option.name, (option, []))
+            if first.default != option.default:
+                raise TypeError(f"rules {rules[0]} and {name} declare option {option.name} with different defaults")
+            rules.append(name)
+    return [(o.name, type(o.default), field(default=o.default, metadata=dict(
+        help=o.help, group=f"{' / '.join(rules)} options (other rules take none of them)", choices=o.choices,
+        minimum=None, strict=False, cli=True, rules=tuple(rules))))
+        for o, rules in options.values()]
+
+
+#: Everything that defines a run: the fields of ``_RunFields`` plus every registered rule's own
+#: options (declared once, in the rule's ``OPTIONS``), flat, e.g. ``TrainConfig(rule="ekdaa", beta=0.5)``.
+TrainConfig = dataclasses.make_dataclass("TrainConfig", _rule_option_fields(), bases=(_RunFields,))
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = """Everything that defines a run (the defaults train the digits quickstart): general
+fields, and the options of every registered rule, declared in its ``OPTIONS`` (a rule's own options
+only apply when it is the run's rule)."""
 
 
 def resolve_device(name: str) -> torch.device:

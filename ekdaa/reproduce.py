@@ -53,9 +53,13 @@ except ModuleNotFoundError:  # Python 3.10
 
 #: Fields that do not change what a run computes, left out of its identity.
 NOT_IDENTITY = (*MACHINE_FIELDS, "extra")
-#: Fields added after runs were recorded: at their defaults they are left out of a run's
-#: identity, so the runs recorded before them keep their names.
-ADDED_LATER = ("target_function", "tau")
+#: The fields runs were first identified by. A field added since (a new general field, or a
+#: new rule option) is part of a run's identity only away from its default, so every run
+#: recorded before it keeps its name.
+FIRST_FIELDS = frozenset((
+    "dataset", "model", "rule", "activation", "bias", "epochs", "batch_size", "optimizer", "lr", "momentum",
+    "weight_decay", "lr_schedule", "beta", "gamma", "error_kernel_init", "pool_routing", "error_norm",
+    "val_split", "train_subset", "normalization", "augment", "seed", "amp", "channels_last", "track_alignment"))
 
 
 @dataclasses.dataclass
@@ -67,7 +71,7 @@ class PlannedRun:
     def key(self) -> str:
         defaults = TrainConfig()
         fields = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in NOT_IDENTITY
-                  and not (k in ADDED_LATER and v == getattr(defaults, k))}
+                  and (k in FIRST_FIELDS or v != getattr(defaults, k))}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
     @property

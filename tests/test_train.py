@@ -234,6 +234,9 @@ def test_cli_bad_values_list_valid_ones(argv, message, capsys):
     (["train", "--config", "/nonexistent.toml"], "does not exist"),
     (["eval", "--checkpoint", "/nonexistent.pt"], "does not exist"),
     (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent", "--no-download"], "cifar"),
+    (["train", "--rule", "bp", "--beta", "0.5"], "beta is an option of rule ekdaa, not of 'bp'"),
+    (["train", "--activation", "sign", "--tau", "0"], "tau must be > 0, got 0.0"),
+    (["train", "--rule", "kolen-pollack", "--weight-decay", "-1"], "weight_decay must be >= 0"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 1
@@ -263,6 +266,20 @@ def test_help_is_complete(command, capsys):
                                                              "--data-dir", "--val-split", "--augment"],
                 ("eval",): ["--checkpoint", "--dataset"]}[tuple(command)]
     assert all(word in text for word in expected)
+
+
+def test_every_rule_option_is_a_config_field_and_a_flag(capsys):
+    from ekdaa import RULES
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    options = [(name, o) for name, rule in RULES.items() for o in rule.OPTIONS if o.train]
+    assert options  # EKDAA's at least
+    for rule, option in options:
+        assert f"--{option.name.replace('_', '-')}" in text and " ".join(option.help.split()) in text
+        cfg = TrainConfig(rule=rule, **{option.name: option.default})
+        assert cfg.rule_options()[option.name] == option.default
+    assert "loss_reduction" not in TrainConfig().rule_options()  # not a training option: the loop's loss is a mean
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")

@@ -9,9 +9,13 @@ A rule subclasses :class:`Rule` and overrides only the hooks it needs:
 * ``feedback(layer)``: the tensor the error is sent down through (default: the
   tensor attached under ``feedback_name``);
 * ``layer_output(layer, h)``: a last look at a converted layer's output (DFA's hub).
+
+A rule's options are declared once, in ``OPTIONS``: ``Rule.__init__`` checks and sets
+them, and ``TrainConfig``, ``ekdaa train``'s flags and the suites take them from there.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -23,9 +27,35 @@ class ConversionError(ValueError):
     """A model (or option) a rule cannot handle; the message names the module path."""
 
 
-def check_choice(option: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConversionError(f"invalid {option} {value!r}: choose one of {', '.join(map(str, choices))}")
+@dataclass(frozen=True)
+class Option:
+    """One option of a rule: its default (which fixes its type), what it does, its allowed
+    values (``choices``, or a number above ``above``, or at least ``at_least``), and whether
+    ``ekdaa train`` offers it (``train=False``: for users who write their own loop)."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    above: float | None = None
+    at_least: float | None = None
+    train: bool = True
+
+    def check(self, value: Any) -> Any:
+        """``value`` as this option's type, or a ConversionError saying what is allowed."""
+        kind = type(self.default)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+            raise ConversionError(f"option {self.name} = {value!r} should be a {kind.__name__}, "
+                                  f"like its default {self.default!r}")
+        value = kind(value)
+        if self.choices is not None and value not in self.choices:
+            raise ConversionError(f"invalid {self.name} {value!r}: choose one of "
+                                  f"{', '.join(map(str, self.choices))}")
+        if self.above is not None and not value > self.above:
+            raise ConversionError(f"{self.name} must be > {self.above:g}, got {value}")
+        if self.at_least is not None and not value >= self.at_least:
+            raise ConversionError(f"{self.name} must be >= {self.at_least:g}, got {value}")
+        return value
 
 
 class Rule:
@@ -40,10 +70,21 @@ class Rule:
     accepts_any_module: ClassVar[bool] = False
     #: learning-rate multiplier of learned feedback tensors (see ekdaa.param_groups)
     feedback_lr_scale: float = 1.0
+    #: the rule's options (keyword arguments of ``ekdaa.convert``), each set as an attribute
+    OPTIONS: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, **options: Any):
+        known = {o.name: o for o in self.OPTIONS}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ConversionError(f"rule {self.name!r} does not take options {unknown}: its options are "
+                                  f"{', '.join(known) or 'none'}")
+        for name, option in known.items():
+            setattr(self, name, option.check(options.get(name, option.default)))
 
     def options(self) -> dict[str, Any]:
         """The rule's options, as passed to ``ekdaa.convert``."""
-        return {}
+        return {o.name: getattr(self, o.name) for o in self.OPTIONS}
 
     # -- hooks ---------------------------------------------------------------
     def prepare(self, model: nn.Module, example_input: Tensor | None) -> None:

@@ -17,6 +17,8 @@ must be its own module instance.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -67,7 +69,8 @@ class DirectFeedbackAlignment(Rule):
 
     name = "dfa"
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.pending: list[tuple[Tensor, Tensor]] = []
 
     def prepare(self, model: nn.Module, example_input: Tensor | None) -> None:

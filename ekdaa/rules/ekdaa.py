@@ -34,21 +34,14 @@ errors and the result does not depend on batch size.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import Sign, activation_function, glorot_like
-from .base import ConversionError, Rule, check_choice
-
-
-#: The values of EKDAA's options (the CLI offers the same).
-ERROR_KERNEL_INITS = ("random", "transpose")
-POOL_ROUTINGS = ("max", "bilinear")
-ERROR_NORMS = ("none", "max", "relative")
-TARGET_FUNCTIONS = ("activation", "smooth")
+from .base import ConversionError, Option, Rule
 
 
 def smooth_stand_in(activation: nn.Module, tau: float) -> Callable[[Tensor], Tensor] | None:
@@ -146,55 +139,33 @@ class BilinearRoutedPool(nn.Module):
 
 
 class EKDAA(Rule):
-    """Error-kernel driven activation alignment.
-
-    Args:
-        beta: step from the pre-activation towards the target, h~ = h - beta * d.
-        gamma: error-kernel learning rate relative to W's (dE = gamma * dW).
-        error_kernel_init: ``random`` (Glorot, independent of W: no weight transport
-            ever) or ``transpose`` (E starts as a copy of W, as the authors' code does).
-        pool_routing: through max-pools, ``max`` sends d to the unit that won the max;
-            ``bilinear`` upsamples d bilinearly to the pool's input (authors' code).
-        error_norm: ``none``; ``max``: divide each sample's d by its largest
-            magnitude when that exceeds 1, at every activation (authors' code does
-            this for conv layers); ``relative``: multiply each sample's d by the RMS of
-            its pre-activation h, so beta is a fraction of h's scale (for ``sign``, whose
-            output ignores that scale, the target then no longer depends on W's norm).
-        target_function: ``activation``: the target is f(h~) (the paper's equation);
-            ``smooth``: target and error map through the smooth stand-in g (see the
-            module docstring), for Sign, Hardtanh and ReLU6 activations only.
-        tau: temperature of the smooth stand-in (its slope at the centre is 1 / tau).
-        loss_reduction: ``mean`` if the loss averages over the batch (the default of
-            ``F.cross_entropy``), ``sum`` if it sums.
-    """
+    """Error-kernel driven activation alignment; its options are ``OPTIONS`` (README: "EKDAA options")."""
 
     name = "ekdaa"
     feedback_name = "error_kernel"
     uses_derivative = False
 
-    def __init__(self, beta: float = 0.9, gamma: float = 1.0, error_kernel_init: str = "random",
-                 pool_routing: str = "max", error_norm: str = "none", target_function: str = "activation",
-                 tau: float = 1.0, loss_reduction: str = "mean"):
-        check_choice("error_kernel_init", error_kernel_init, ERROR_KERNEL_INITS)
-        check_choice("pool_routing", pool_routing, POOL_ROUTINGS)
-        check_choice("error_norm", error_norm, ERROR_NORMS)
-        check_choice("target_function", target_function, TARGET_FUNCTIONS)
-        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
-        if not beta > 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        self.beta, self.gamma, self.tau = float(beta), float(gamma), float(tau)
-        self.error_kernel_init, self.pool_routing = error_kernel_init, pool_routing
-        self.error_norm, self.target_function, self.loss_reduction = error_norm, target_function, loss_reduction
-        self.feedback_lr_scale = self.gamma
+    OPTIONS = (
+        Option("beta", 0.9, "target step: h~ = h - beta*d", above=0),
+        Option("gamma", 1.0, "error-kernel learning rate relative to W's (dE = gamma dW)", at_least=0),
+        Option("error_kernel_init", "random", "random: Glorot, independent of W (no weight transport ever); "
+               "transpose: E starts as a copy of W (the authors' code)", choices=("random", "transpose")),
+        Option("pool_routing", "max", "through max-pools, max sends d to the winning unit; bilinear upsamples "
+               "d to the pool's input (the authors' code)", choices=("max", "bilinear")),
+        Option("error_norm", "none", "max: divide each sample's d by max|d| when > 1 (the authors' code, conv "
+               "layers); relative: multiply it by the RMS of the sample's h (beta on h's scale)",
+               choices=("none", "max", "relative")),
+        Option("target_function", "activation", "activation: target f(h - beta*d), the paper's; smooth: "
+               "target and error map through g = tanh(u/tau) for sign (hardtanh, relu6: by their bounds), "
+               "not the paper's", choices=("activation", "smooth")),
+        Option("tau", 1.0, "temperature of the smooth target's g", above=0),
+        Option("loss_reduction", "mean", "mean if the loss averages over the batch (F.cross_entropy's "
+               "default), sum if it sums", choices=("mean", "sum"), train=False),
+    )
 
-    def options(self) -> dict[str, Any]:
-        return dict(beta=self.beta, gamma=self.gamma, error_kernel_init=self.error_kernel_init,
-                    pool_routing=self.pool_routing, error_norm=self.error_norm,
-                    target_function=self.target_function, tau=self.tau, loss_reduction=self.loss_reduction)
+    @property
+    def feedback_lr_scale(self) -> float:  # type: ignore[override]
+        return self.gamma
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         w = layer.weight.detach()
