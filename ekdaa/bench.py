@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fused as fusion
 from .models import build_model
 from .rules import RULES, convert, param_groups
 
@@ -52,7 +53,7 @@ class _Setup:
     """One rule's converted model, optimizer and fixed batch, with its training step."""
 
     def __init__(self, rule: str, batch: int, device: torch.device, amp: str,
-                 channels_last: bool, compile: bool = False) -> None:
+                 channels_last: bool, compile: bool = False, fused: bool = True) -> None:
         torch.manual_seed(0)  # same data and same W for every rule
         x = torch.randn(batch, *INPUT_SHAPE)
         y = torch.randint(NUM_CLASSES, (batch,))
@@ -63,10 +64,11 @@ class _Setup:
         self.forward = torch.compile(self.model) if compile else self.model
         self.x, self.y = x.to(device=device, memory_format=fmt), y.to(device)
         self.opt = torch.optim.SGD(param_groups(self.model, lr=LR), lr=LR, momentum=0.9)
-        self.device, self.dtype = device, AMP_DTYPES[amp]
+        self.device, self.dtype, self.fused = device, AMP_DTYPES[amp], fused
 
     def step(self) -> None:
         """One training step; gradients are released at the end."""
+        fusion.ENABLED = self.fused  # the error map in one fused pass, or eager
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with autocast:
             loss = F.cross_entropy(self.forward(self.x), self.y)
@@ -118,9 +120,10 @@ def _sync(device: torch.device) -> None:
 
 def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: int,
         device: str | torch.device = "cpu", amp: str = "none",
-        channels_last: bool = True, compile: bool = False) -> list[dict[str, Any]]:
+        channels_last: bool = True, compile: bool = False, unfused: bool = False) -> list[dict[str, Any]]:
     """Benchmark ``rules`` (plus ``bp``, listed first) at each batch size; with
-    ``compile``, each rule also runs ``torch.compile``'d, as row ``RULE+compile``.
+    ``compile``, each rule also runs ``torch.compile``'d, as row ``RULE+compile``; with
+    ``unfused``, each rule also runs with EKDAA's error map unfused (eager), as ``RULE+unfused``.
 
     Returns one row per (batch, row): ``rule``, ``batch``, ``ms`` (median ms/step),
     ``images_per_s``, ``ratio_to_bp`` (ms, to eager bp) and ``mem_ratio_to_bp``.
@@ -134,14 +137,16 @@ def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: i
         raise ValueError(f"unknown amp {amp!r}: choose one of {', '.join(AMP_DTYPES)}")
     device = torch.device(device)
     names = list(dict.fromkeys(["bp", *rules]))
-    variants = {name: (name, False) for name in names}
+    variants = {name: (name, False, True) for name in names}
+    if unfused:
+        variants.update({f"{name}+unfused": (name, False, False) for name in names if name != "bp"})
     if compile:
-        variants.update({f"{name}+compile": (name, True) for name in names})
+        variants.update({f"{name}+compile": (name, True, True) for name in names})
     names = list(variants)
     rows: list[dict[str, Any]] = []
     for batch in batch_sizes:
-        setups = {label: _Setup(rule, batch, device, amp, channels_last, compiled)
-                  for label, (rule, compiled) in variants.items()}
+        setups = {label: _Setup(rule, batch, device, amp, channels_last, compiled, fused)
+                  for label, (rule, compiled, fused) in variants.items()}
         for setup in setups.values():
             for _ in range(WARMUP_STEPS):
                 setup.step()
@@ -199,6 +204,8 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="keep model and inputs contiguous (NCHW)")
     parser.add_argument("--compile", action="store_true",
                         help="also time each rule torch.compile'd (rows RULE+compile)")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time each rule with EKDAA's error map unfused, eager (rows RULE+unfused)")
     parser.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -231,10 +238,10 @@ def execute(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = run(args.rules, args.batch_sizes, args.steps, args.repeats, device, args.amp,
-               args.channels_last, args.compile)
+               args.channels_last, args.compile, args.unfused)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+            "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile, "unfused": args.unfused,
             "memory": MEMORY[device.type], "rows": rows}
     if args.json:
         print(json.dumps(info, indent=2))

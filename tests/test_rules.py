@@ -3,6 +3,8 @@ plus the properties the rules must have."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 
 import pytest
 import torch
@@ -152,6 +154,33 @@ def test_smooth_target_is_zero_without_error_and_tends_to_a_pseudo_derivative():
             layer(hh).backward(d)
             pseudo = (1 - torch.tanh(h / tau) ** 2) / tau  # g'(h): never evaluated by the rule
             assert_close_rel(hh.grad / beta, pseudo * d, tol=5 * beta, name=f"tau {tau} beta {beta}")
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_fused_error_map_matches_reference_and_leaves_inputs_alone(monkeypatch):
+    import ekdaa.fused
+    monkeypatch.setattr(ekdaa.fused, "MIN_NUMEL", 0)  # fuse even these tiny tensors
+    for act, options in ((nn.Tanh, dict(error_norm="max")), (ekdaa.Sign, dict(target_function="smooth", tau=0.5))):
+        torch.manual_seed(4)
+        net = make_net("max", 1, act=act)
+        randomise(net)
+        x, y = batch(seed=5)
+        model = ekdaa.convert(copy.deepcopy(net), "ekdaa", **options)
+        got = grads_of(model, x, y)
+        ref = {k: v for k, v in options.items() if k != "target_function"}
+        want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_tensors(model, "ekdaa"),
+                               target_function=options.get("target_function", "activation"), **ref)
+        for name, g in want.items():
+            assert_close_rel(got[name], g, name=f"{act.__name__} {name}")
+        kernel = model[1].kernel
+        assert kernel._compiled is not None and not kernel._broken  # the fused path ran
+    # an activation fed the input itself (or a view of it) must not write over it
+    data = torch.randn(4, 6, requires_grad=True)
+    before = data.detach().clone()
+    tanh_first = ekdaa.convert(nn.Sequential(nn.Tanh(), nn.Linear(6, 3)), "ekdaa")
+    F.cross_entropy(tanh_first(data), torch.tensor([0, 1, 2, 0])).backward()
+    F.cross_entropy(tanh_first(data.view(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    assert torch.equal(data.detach(), before)
 
 
 def test_straight_through_bp_on_a_sign_network_matches_reference():

@@ -23,7 +23,9 @@ evaluating one. The literal target f(h~) of a sign unit is 0 or +-2 whatever the
 Implementation: a weight layer keeps its forward and sends its error map down
 through its *error kernel* E (``error_kernel``, a Parameter of W's shape whose
 ``.grad`` is dW). Each activation module becomes an :class:`ErrorMap` whose
-backward turns the arriving d into the error map e. gamma is E's learning rate
+backward turns the arriving d into the error map e, on large tensors in one fused
+pass written over the dead pre-activation h (:mod:`ekdaa.fused`; a forward hook that
+keeps h sees it overwritten after backward: clone it there). gamma is E's learning rate
 relative to W's: ``ekdaa.param_groups`` puts E in a group with ``lr = gamma * lr``,
 which under SGD is exactly dE = gamma * dW at W's learning rate and, unlike scaling
 E's gradient, stays meaningful under Adam. With gamma = 0, E is frozen.
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..fused import Fused
 from ..layers import Sign, activation_function, glorot_like
 from .base import ConversionError, Option, Rule
 
@@ -58,60 +61,83 @@ def smooth_stand_in(activation: nn.Module, tau: float) -> Callable[[Tensor], Ten
     return lambda u: torch.tanh((u - mid) * scale) * radius + mid
 
 
+def _literal(h: Tensor, z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor,
+             f: Callable[[Tensor], Tensor]) -> Tensor:
+    """e = (z - f(h - step d)) / n: the paper's error map."""
+    return (z - f(h - step * d)) * inv_n
+
+
+def _smooth(h: Tensor, z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor,
+            g: Callable[[Tensor], Tensor]) -> Tensor:
+    """e = (g(h) - g(h - step d)) / n: both terms through the stand-in, so d = 0 gives e = 0."""
+    return (g(h) - g(h - step * d)) * inv_n
+
+
+_KERNELS: dict[tuple, Fused] = {}
+
+
+def error_map_kernel(activation: nn.Module, tau: float | None) -> Fused:
+    """The error map of ``activation`` (through its smooth stand-in if ``tau`` is given) as one
+    fused pass, shared by every layer with the same activation."""
+    key = (type(activation), activation.extra_repr(), tau)
+    if key not in _KERNELS:
+        if tau is None:
+            f = activation_function(activation)
+            fn = lambda h, z, d, step, inv_n: _literal(h, z, d, step, inv_n, f)  # noqa: E731
+        else:
+            g = smooth_stand_in(activation, tau)
+            fn = lambda h, z, d, step, inv_n: _smooth(h, z, d, step, inv_n, g)  # noqa: E731
+        _KERNELS[key] = Fused(fn, f"EKDAA's error map ({type(activation).__name__})")
+    return _KERNELS[key]
+
+
 class _ErrorMapFn(torch.autograd.Function):
-    """z = f(h) forward; backward maps the arriving d to e = z - f(h - beta * d), or to
-    e = g(h) - g(h - beta * d) through a smooth stand-in g."""
+    """z = f(h) forward; backward maps the arriving d to the error map e (``kernel``), written
+    over h, which is dead by then, where h is a layer's own output (not input data, not a view)."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor] | None,
-                beta: float, error_norm: str, per_sample: bool) -> Tensor:
+    def forward(ctx, h: Tensor, f: Callable[[Tensor], Tensor], kernel: Fused, beta: float, error_norm: str,
+                per_sample: bool) -> Tensor:
         z = f(h)
-        ctx.f, ctx.g, ctx.beta, ctx.error_norm, ctx.per_sample = f, g, beta, error_norm, per_sample
+        ctx.f, ctx.kernel, ctx.beta, ctx.error_norm, ctx.per_sample = f, kernel, beta, error_norm, per_sample
+        ctx.owns_h = h.grad_fn is not None and h._base is None  # a layer's fresh output, not data or a view
         ctx.save_for_backward(h, z)
         return z
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         h, z = ctx.saved_tensors
+        owns_h = ctx.owns_h
         if h.dtype in (torch.float16, torch.bfloat16):  # the error map is a small difference:
             h, grad = h.float(), grad.float()          # take both of its terms in float32
-            z = ctx.f(h)
+            z, owns_h = ctx.f(h), True
         n = h.shape[0] if ctx.per_sample else 1  # grad = d / n under a batch-mean loss
-        step = ctx.beta * n
+        step = h.new_tensor(ctx.beta * n)        # h~ = h - step * grad = h - beta * d
+        per_sample = dict(dim=tuple(range(1, h.dim())), keepdim=True)
         if ctx.error_norm == "max":  # d / max(1, max|d|), per sample
-            peak = grad.abs().amax(dim=tuple(range(1, grad.dim())), keepdim=True) * n
-            grad = grad / peak.clamp_min(1.0)
+            step = step / (grad.abs().amax(**per_sample) * n).clamp_min(1.0)
         elif ctx.error_norm == "relative":  # d * rms(h), per sample: beta on the pre-activation's scale
-            grad = grad * h.square().mean(dim=tuple(range(1, h.dim())), keepdim=True).sqrt()
-        # h~ = h - beta * d, the one new tensor (not torch.add(alpha=): torch 2.13's inductor mis-compiles it)
-        h_target = grad.mul(-step).add_(h)
-        if ctx.g is not None:  # smooth target: both terms through g, so d = 0 gives e = 0 exactly
-            return ctx.g(h).sub_(ctx.g(h_target)).mul_(1 / n), None, None, None, None, None
-        if ctx.f is torch.tanh:
-            # tanh(u) = 2 sigmoid(2u) - 1 (sigmoid is the faster kernel on CPU), so
-            # e = 2 (sigmoid(2h) - sigmoid(2h~)); both terms by one formula: d = 0 gives e = 0 exactly.
-            target = h_target.mul_(2).sigmoid_()
-            return torch.mul(h, 2).sigmoid_().sub_(target).mul_(2 / n), None, None, None, None, None
-        return ctx.f(h_target).sub_(z).mul_(-1 / n), None, None, None, None, None  # (z - f(h~)) / n
+            step = step * h.square().mean(**per_sample).sqrt()
+        error_map = ctx.kernel if owns_h else ctx.kernel.fn  # fused over h, or eager into a new tensor
+        return error_map(h, z, grad, step, h.new_tensor(1 / n)), None, None, None, None, None
 
 
 class ErrorMap(nn.Module):
-    """An activation whose backward is EKDAA's error map (forward unchanged); ``stand_in``
-    is the smooth g the error map is formed through (None: the activation itself)."""
+    """An activation whose backward is EKDAA's error map (forward unchanged), formed through
+    the activation itself or, with ``tau``, through its smooth stand-in."""
 
-    def __init__(self, activation: nn.Module, rule: "EKDAA",
-                 stand_in: Callable[[Tensor], Tensor] | None = None):
+    def __init__(self, activation: nn.Module, rule: "EKDAA", tau: float | None = None):
         super().__init__()
         self.activation = activation
         self.rule = rule
-        self.stand_in = stand_in
+        self.kernel = error_map_kernel(activation, tau)
 
     def forward(self, h: Tensor) -> Tensor:
         f = activation_function(self.activation)
         if not torch.is_grad_enabled():
             return f(h)
         r = self.rule
-        return _ErrorMapFn.apply(h, f, self.stand_in, r.beta, r.error_norm, r.loss_reduction == "mean")
+        return _ErrorMapFn.apply(h, f, self.kernel, r.beta, r.error_norm, r.loss_reduction == "mean")
 
 
 class _BilinearRouteFn(torch.autograd.Function):
@@ -175,12 +201,11 @@ class EKDAA(Rule):
     def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
         if self.target_function == "activation":
             return ErrorMap(module, self)
-        stand_in = smooth_stand_in(module, self.tau)
-        if stand_in is None:
+        if smooth_stand_in(module, self.tau) is None:
             raise ConversionError(
                 f"target_function 'smooth' needs a Sign, Hardtanh or ReLU6 activation, but '{path or '<root>'}' "
                 f"is {type(module).__name__}: use target_function 'activation' there")
-        return ErrorMap(module, self, stand_in)
+        return ErrorMap(module, self, self.tau)
 
     def convert_pool(self, path: str, module: nn.Module) -> nn.Module:
         if self.pool_routing == "bilinear" and type(module) is nn.MaxPool2d:

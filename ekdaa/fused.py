@@ -1,0 +1,57 @@
+"""One pass over memory for elementwise work in a backward pass.
+
+:class:`Fused` wraps a pure elementwise function: on tensors of at least ``MIN_NUMEL``
+elements it runs ``torch.compile`` of the function (scalars should come as 0-dim tensors, so
+that a new value is no new compile) (one kernel, one read of each input,
+one write), writing the result over its first argument, which the caller no longer needs,
+instead of into a fresh tensor (on CPU a fresh large tensor page-faults in); smaller tensors, and any call while a
+whole model is being compiled, run the eager function. Where compilation is impossible
+(no C++ compiler on CPU, an unsupported device), the first failure prints one notice and
+every later call runs eagerly. ``ENABLED = False`` turns fusion off (the benchmark compares).
+"""
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+#: Tensors smaller than this run eagerly: a kernel launch and a compile are not worth it.
+MIN_NUMEL = 1 << 18
+ENABLED = True
+
+
+def _writer(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` writing its result over its first argument, as a function with a code object of
+    its own: torch.compile keeps one cache, and one recompile budget, per code object."""
+    def write_over(x: Tensor, *rest: Any) -> Tensor:
+        return x.copy_(fn(x, *rest))
+    return types.FunctionType(write_over.__code__.replace(), write_over.__globals__, write_over.__name__,
+                              None, write_over.__closure__)
+
+
+class Fused:
+    """``fn(x, *rest)``, fused and written over ``x``, or eager (a new tensor)."""
+
+    def __init__(self, fn: Callable[..., Tensor], name: str):
+        self.fn, self.name = fn, name
+        self._compiled: Callable[..., Tensor] | None = None
+        self._broken = False
+
+    def __deepcopy__(self, memo: dict) -> "Fused":
+        return self  # shared by the layers (and copies) of a model: one compile each
+
+    def __call__(self, x: Tensor, *rest: Any) -> Tensor:
+        if not ENABLED or self._broken or x.numel() < MIN_NUMEL or torch.compiler.is_compiling():
+            return self.fn(x, *rest)
+        if self._compiled is None:  # shape-generic: one compile serves every layer and batch size
+            self._compiled = torch.compile(_writer(self.fn), dynamic=True)
+        try:
+            return self._compiled(x, *rest)
+        except Exception as err:  # no compiler, unsupported device: say so once, then stay eager
+            self._broken = True
+            reason = " ".join(str(err).split())[:160] or type(err).__name__
+            print(f"ekdaa: {self.name} runs unfused (torch.compile is unavailable here: {reason})", file=sys.stderr)
+            return self.fn(x, *rest)
