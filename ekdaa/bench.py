@@ -58,7 +58,8 @@ class _Setup:
         x = torch.randn(batch, *INPUT_SHAPE)
         y = torch.randint(NUM_CLASSES, (batch,))
         model = build_model("paper-cnn", INPUT_SHAPE, NUM_CLASSES, activation="tanh")
-        model = convert(model, rule, example_input=x)  # on CPU: DFA draws its feedback there
+        name, options = parse_row(rule)
+        model = convert(model, name, example_input=x, **options)  # on CPU: DFA draws its feedback there
         fmt = torch.channels_last if channels_last else torch.preserve_format
         self.model = model.to(device=device, memory_format=fmt).train()
         self.forward = torch.compile(self.model) if compile else self.model
@@ -128,7 +129,7 @@ def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: i
     Returns one row per (batch, row): ``rule``, ``batch``, ``ms`` (median ms/step),
     ``images_per_s``, ``ratio_to_bp`` (ms, to eager bp) and ``mem_ratio_to_bp``.
     """
-    unknown = [r for r in rules if r not in RULES]
+    unknown = [r for r in rules if parse_row(r)[0] not in RULES]
     if unknown:
         raise ValueError(f"unknown rules {unknown}: choose from {', '.join(RULES)}")
     if min(batch_sizes, default=0) < 1 or steps < 1 or repeats < 1:
@@ -173,9 +174,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def parse_row(row: str) -> tuple[str, dict[str, Any]]:
+    """A benchmark row, ``RULE`` or ``RULE:option=value:...`` (e.g. ``ekdaa:error_map_from=output``),
+    as the rule's name and options (numbers where they parse as numbers)."""
+    name, *pairs = row.split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value
+    return name, options
+
+
 def _rule_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    bad = [name for name in names if name not in RULES]
+    bad = [name for name in names if parse_row(name)[0] not in RULES]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown rule(s) {', '.join(bad) or repr(text)}: "
                                          f"valid rules are {', '.join(RULES)}")
@@ -193,7 +208,8 @@ def _batch_list(text: str) -> list[int]:
 def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's flags, on ``parser`` (``python -m ekdaa.bench`` and ``ekdaa bench`` alike)."""
     parser.add_argument("--rules", type=_rule_list, default=list(RULES),
-                        help=f"comma list from {', '.join(RULES)}; bp is always included")
+                        help=f"comma list from {', '.join(RULES)}, each optionally with rule options as "
+                        "RULE:option=value (e.g. ekdaa:error_map_from=output); bp is always included")
     parser.add_argument("--batch-sizes", type=_batch_list, default=[50, 256], help="comma list")
     parser.add_argument("--steps", type=_positive, default=5, help="timed steps per block")
     parser.add_argument("--repeats", type=_positive, default=5, help="blocks per rule")

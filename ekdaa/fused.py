@@ -23,20 +23,25 @@ MIN_NUMEL = 1 << 18
 ENABLED = True
 
 
+def _own_code(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` with a code object of its own: torch.compile keeps one cache, and one recompile
+    budget, per code object, and kernels made from one function would share them."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def _writer(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``fn`` writing its result over its first argument, as a function with a code object of
-    its own: torch.compile keeps one cache, and one recompile budget, per code object."""
+    """``fn`` writing its result over its first argument."""
     def write_over(x: Tensor, *rest: Any) -> Tensor:
         return x.copy_(fn(x, *rest))
-    return types.FunctionType(write_over.__code__.replace(), write_over.__globals__, write_over.__name__,
-                              None, write_over.__closure__)
+    return _own_code(write_over)
 
 
 class Fused:
-    """``fn(x, *rest)``, fused and written over ``x``, or eager (a new tensor)."""
+    """``fn(x, *rest)``, fused and written over ``x`` (``overwrite``, else into a new tensor),
+    or eager (a new tensor)."""
 
-    def __init__(self, fn: Callable[..., Tensor], name: str):
-        self.fn, self.name = fn, name
+    def __init__(self, fn: Callable[..., Tensor], name: str, overwrite: bool = True):
+        self.fn, self.name, self.overwrite = fn, name, overwrite
         self._compiled: Callable[..., Tensor] | None = None
         self._broken = False
 
@@ -47,7 +52,7 @@ class Fused:
         if not ENABLED or self._broken or x.numel() < MIN_NUMEL or torch.compiler.is_compiling():
             return self.fn(x, *rest)
         if self._compiled is None:  # shape-generic: one compile serves every layer and batch size
-            self._compiled = torch.compile(_writer(self.fn), dynamic=True)
+            self._compiled = torch.compile(_writer(self.fn) if self.overwrite else _own_code(self.fn), dynamic=True)
         try:
             return self._compiled(x, *rest)
         except Exception as err:  # no compiler, unsupported device: say so once, then stay eager

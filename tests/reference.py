@@ -24,6 +24,8 @@ def _f(act: nn.Module, h: Tensor) -> Tensor:
         return torch.sign(h)
     if isinstance(act, nn.ReLU):
         return h.clamp_min(0)
+    if isinstance(act, nn.Sigmoid):
+        return 1 / (1 + torch.exp(-h))
     if isinstance(act, nn.Hardtanh):  # ReLU6 too
         return h.clamp(act.min_val, act.max_val)
     raise NotImplementedError(type(act))

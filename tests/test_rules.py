@@ -139,6 +139,49 @@ def test_smooth_target_matches_reference(options, act):
         assert_close_rel(got[name], g, name=name)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(beta=3.0, error_norm="max")])
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid])
+def test_error_map_from_output_matches_reference(options, act):
+    torch.manual_seed(4)
+    net = make_net("max", 1, act=act)
+    randomise(net)
+    x, y = batch(seed=5)
+    model = ekdaa.convert(copy.deepcopy(net), "ekdaa", error_map_from="output", **options)
+    got = grads_of(model, x, y)
+    want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_tensors(model, "ekdaa"), **options)
+    for name, g in want.items():
+        assert_close_rel(got[name], g, name=name)
+
+
+def test_error_map_from_output_keeps_what_backprop_keeps():
+    torch.set_default_dtype(torch.float32)
+    x, y = batch(16)
+
+    def saved_bytes(model):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            F.cross_entropy(model(x), y).backward()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+        return sum(v for k, v in storages.items() if k not in params)
+
+    torch.manual_seed(0)
+    net = make_net()
+    bp = saved_bytes(ekdaa.convert(copy.deepcopy(net), "bp"))
+    assert saved_bytes(ekdaa.convert(copy.deepcopy(net), "ekdaa", error_map_from="output")) == bp
+    assert saved_bytes(ekdaa.convert(copy.deepcopy(net), "ekdaa")) > 1.3 * bp  # h too
+    # float32: exact in real arithmetic, close where tanh does not saturate
+    torch.manual_seed(1)
+    a = grads_of(ekdaa.convert(copy.deepcopy(net), "ekdaa"), x, y)
+    torch.manual_seed(1)
+    b = grads_of(ekdaa.convert(copy.deepcopy(net), "ekdaa", error_map_from="output"), x, y)
+    for name in a:
+        assert_close_rel(b[name], a[name], tol=1e-4, name=name)
+
+
 def test_smooth_target_is_zero_without_error_and_tends_to_a_pseudo_derivative():
     h = torch.randn(4, 6) * 2
     for tau in (0.5, 1.0):
@@ -437,6 +480,10 @@ def test_convert_refuses_what_it_cannot_train():
         ekdaa.convert(make_net(), "ekdaa", target_function="smooth")
     with pytest.raises(ConversionError, match="target_function 'sharp'"):
         ekdaa.convert(make_net(), "ekdaa", target_function="sharp")
+    with pytest.raises(ConversionError, match="error_map_from 'output' needs a Tanh or Sigmoid.*'1' is ReLU"):
+        ekdaa.convert(make_net(act=nn.ReLU), "ekdaa", error_map_from="output")
+    with pytest.raises(ConversionError, match="neither target_function 'smooth' nor error_norm 'relative'"):
+        ekdaa.convert(make_net(), "ekdaa", error_map_from="output", error_norm="relative")
     with pytest.raises(ValueError, match="tau must be > 0"):
         ekdaa.convert(make_net(act=ekdaa.Sign), "ekdaa", target_function="smooth", tau=0.0)
     with pytest.raises(ConversionError, match="groups=1"):

@@ -36,7 +36,7 @@ errors and the result does not depend on batch size.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,21 +73,42 @@ def _smooth(h: Tensor, z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor,
     return (g(h) - g(h - step * d)) * inv_n
 
 
+def _tanh_from_output(z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor) -> Tensor:
+    """The literal tanh error map from z alone: with t = tanh(step d), tanh(h - step d) =
+    (z - t) / (1 - z t), so e = t (1 - z^2) / (1 - z t) / n."""
+    t = torch.tanh(step * d)
+    return t * (1 - z * z) / (1 - z * t) * inv_n
+
+
+def _sigmoid_from_output(z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor) -> Tensor:
+    """The literal sigmoid error map from z alone: with m = exp(step d) - 1, sigmoid(h - step d)
+    = z / (1 + (1 - z) m), so e = z (1 - z) m / (1 + (1 - z) m) / n."""
+    m = torch.expm1(step * d)
+    return z * (1 - z) * m / (1 + (1 - z) * m) * inv_n
+
+
+FROM_OUTPUT: dict[type[nn.Module], Callable[..., Tensor]] = {nn.Tanh: _tanh_from_output,
+                                                             nn.Sigmoid: _sigmoid_from_output}
 _KERNELS: dict[tuple, Fused] = {}
 
 
-def error_map_kernel(activation: nn.Module, tau: float | None) -> Fused:
-    """The error map of ``activation`` (through its smooth stand-in if ``tau`` is given) as one
-    fused pass, shared by every layer with the same activation."""
-    key = (type(activation), activation.extra_repr(), tau)
+def error_map_kernel(activation: nn.Module, tau: float | None, from_output: bool) -> Fused:
+    """The error map of ``activation`` (through its smooth stand-in if ``tau`` is given; from
+    its output alone if ``from_output``) as one fused pass, shared by every layer with the same
+    activation."""
+    key = (type(activation), activation.extra_repr(), tau, from_output)
     if key not in _KERNELS:
+        name = f"EKDAA's error map ({type(activation).__name__})"
+        if from_output:  # z is the layer's output, which its user may hold: into a new tensor
+            _KERNELS[key] = Fused(FROM_OUTPUT[type(activation)], name, overwrite=False)
+            return _KERNELS[key]
         if tau is None:
             f = activation_function(activation)
             fn = lambda h, z, d, step, inv_n: _literal(h, z, d, step, inv_n, f)  # noqa: E731
         else:
             g = smooth_stand_in(activation, tau)
             fn = lambda h, z, d, step, inv_n: _smooth(h, z, d, step, inv_n, g)  # noqa: E731
-        _KERNELS[key] = Fused(fn, f"EKDAA's error map ({type(activation).__name__})")
+        _KERNELS[key] = Fused(fn, name)
     return _KERNELS[key]
 
 
@@ -97,29 +118,35 @@ class _ErrorMapFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, f: Callable[[Tensor], Tensor], kernel: Fused, beta: float, error_norm: str,
-                per_sample: bool) -> Tensor:
+                per_sample: bool, from_output: bool) -> Tensor:
         z = f(h)
         ctx.f, ctx.kernel, ctx.beta, ctx.error_norm, ctx.per_sample = f, kernel, beta, error_norm, per_sample
+        ctx.from_output = from_output
         ctx.owns_h = h.grad_fn is not None and h._base is None  # a layer's fresh output, not data or a view
-        ctx.save_for_backward(h, z)
+        ctx.save_for_backward(*([z] if from_output else [h, z]))  # from_output: the memory of backprop
         return z
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        h, z = ctx.saved_tensors
+        *h, z = ctx.saved_tensors
         owns_h = ctx.owns_h
-        if h.dtype in (torch.float16, torch.bfloat16):  # the error map is a small difference:
-            h, grad = h.float(), grad.float()          # take both of its terms in float32
-            z, owns_h = ctx.f(h), True
-        n = h.shape[0] if ctx.per_sample else 1  # grad = d / n under a batch-mean loss
-        step = h.new_tensor(ctx.beta * n)        # h~ = h - step * grad = h - beta * d
-        per_sample = dict(dim=tuple(range(1, h.dim())), keepdim=True)
+        if z.dtype in (torch.float16, torch.bfloat16):  # the error map is a small difference:
+            grad, z = grad.float(), z.float()           # take both of its terms in float32
+            if h:
+                h, owns_h = [h[0].float()], True
+                z = ctx.f(h[0])
+        n = z.shape[0] if ctx.per_sample else 1  # grad = d / n under a batch-mean loss
+        step = z.new_tensor(ctx.beta * n)        # h~ = h - step * grad = h - beta * d
+        per_sample = dict(dim=tuple(range(1, z.dim())), keepdim=True)
         if ctx.error_norm == "max":  # d / max(1, max|d|), per sample
             step = step / (grad.abs().amax(**per_sample) * n).clamp_min(1.0)
         elif ctx.error_norm == "relative":  # d * rms(h), per sample: beta on the pre-activation's scale
-            step = step * h.square().mean(**per_sample).sqrt()
+            step = step * h[0].square().mean(**per_sample).sqrt()
+        inv_n = z.new_tensor(1 / n)
+        if ctx.from_output:
+            return ctx.kernel(z, grad, step, inv_n), None, None, None, None, None, None
         error_map = ctx.kernel if owns_h else ctx.kernel.fn  # fused over h, or eager into a new tensor
-        return error_map(h, z, grad, step, h.new_tensor(1 / n)), None, None, None, None, None
+        return error_map(h[0], z, grad, step, inv_n), None, None, None, None, None, None
 
 
 class ErrorMap(nn.Module):
@@ -130,14 +157,15 @@ class ErrorMap(nn.Module):
         super().__init__()
         self.activation = activation
         self.rule = rule
-        self.kernel = error_map_kernel(activation, tau)
+        self.kernel = error_map_kernel(activation, tau, rule.error_map_from == "output")
 
     def forward(self, h: Tensor) -> Tensor:
         f = activation_function(self.activation)
         if not torch.is_grad_enabled():
             return f(h)
         r = self.rule
-        return _ErrorMapFn.apply(h, f, self.kernel, r.beta, r.error_norm, r.loss_reduction == "mean")
+        return _ErrorMapFn.apply(h, f, self.kernel, r.beta, r.error_norm, r.loss_reduction == "mean",
+                                 r.error_map_from == "output")
 
 
 class _BilinearRouteFn(torch.autograd.Function):
@@ -185,6 +213,9 @@ class EKDAA(Rule):
                "target and error map through g = tanh(u/tau) for sign (hardtanh, relu6: by their bounds), "
                "not the paper's", choices=("activation", "smooth")),
         Option("tau", 1.0, "temperature of the smooth target's g", above=0),
+        Option("error_map_from", "pre-activation", "pre-activation: keep h and form f(h) - f(h - beta*d), "
+               "exact; output (tanh, sigmoid): keep only z = f(h), backprop's memory, exact in real arithmetic "
+               "but in float32 off by up to ~1e-4 where z rounds to +-1", choices=("pre-activation", "output")),
         Option("loss_reduction", "mean", "mean if the loss averages over the batch (F.cross_entropy's "
                "default), sum if it sums", choices=("mean", "sum"), train=False),
     )
@@ -198,7 +229,16 @@ class EKDAA(Rule):
         kernel = w.clone() if self.error_kernel_init == "transpose" else glorot_like(w)
         self.attach_feedback(layer, kernel, learned=self.gamma > 0)
 
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        if self.error_map_from == "output" and (self.target_function != "activation" or self.error_norm == "relative"):
+            raise ConversionError("error_map_from 'output' forms the literal target from z alone: it takes neither "
+                                  "target_function 'smooth' nor error_norm 'relative' (both need h)")
+
     def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
+        if self.error_map_from == "output" and type(module) not in FROM_OUTPUT:
+            raise ConversionError(f"error_map_from 'output' needs a Tanh or Sigmoid activation, but "
+                                  f"'{path or '<root>'}' is {type(module).__name__}: use 'pre-activation' there")
         if self.target_function == "activation":
             return ErrorMap(module, self)
         if smooth_stand_in(module, self.tau) is None:
