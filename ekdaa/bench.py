@@ -224,14 +224,27 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="also time each rule with EKDAA's error map unfused, eager (rows RULE+unfused)")
     parser.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--table", metavar="JSON", help="print the Markdown table of a saved --json result "
+                        "(for the README) and run nothing")
     return parser
 
 
 def _format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'rule':<14} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'ratio to bp':>11} {'mem ratio':>9}"
+    width = max(14, *(len(r["rule"]) for r in rows))
+    header = f"{'rule':<{width}} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'ratio to bp':>11} {'mem ratio':>9}"
     lines = [header, "-" * len(header)]
-    lines += [f"{r['rule']:<14} {r['batch']:>5} {r['ms']:>9.2f} {r['images_per_s']:>9.1f} "
+    lines += [f"{r['rule']:<{width}} {r['batch']:>5} {r['ms']:>9.2f} {r['images_per_s']:>9.1f} "
               f"{r['ratio_to_bp']:>11.2f} {r['mem_ratio_to_bp']:>9.2f}" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(info: dict[str, Any]) -> str:
+    """A benchmark's JSON (``--json``) as a Markdown table headed by its machine and settings."""
+    head = (f"Device {info['device']}, torch {info['torch']}, {info['threads']} threads, amp {info['amp']}, "
+            f"channels_last {info['channels_last']}.")
+    lines = [head, "", "| row | batch | ms/step | images/s | ratio to bp | memory ratio |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['rule']} | {r['batch']} | {r['ms']:.1f} | {r['images_per_s']:.0f} | {r['ratio_to_bp']:.2f} | "
+              f"{r['mem_ratio_to_bp']:.2f} |" for r in info["rows"]]
     return "\n".join(lines)
 
 
@@ -248,6 +261,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def execute(args: argparse.Namespace) -> None:
     """Run the benchmark the parsed flags of :func:`add_options` describe and print its table or JSON."""
+    if args.table:
+        try:
+            print(markdown(json.loads(open(args.table).read())))
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"--table {args.table}: not a benchmark JSON written by --json ({err})") from None
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
     if args.threads:

@@ -21,11 +21,16 @@ def test_bench_times_every_rule_against_bp():
         bench.run(["backprop"], [2], steps=1, repeats=1)
 
 
-def test_ekdaa_bench_takes_the_benchmark_flags(capsys):
+def test_ekdaa_bench_takes_the_benchmark_flags(capsys, tmp_path):
     from ekdaa.cli import main
     assert main(["bench", "--rules", "fa", "--batch-sizes", "2", "--steps", "1", "--repeats", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["rule"] for r in out["rows"]] == ["bp", "fa"] and out["device"] == "cpu"
+    saved = tmp_path / "bench.json"
+    saved.write_text(json.dumps(out))
+    assert main(["bench", "--table", str(saved)]) == 0
+    table = capsys.readouterr().out
+    assert "Device cpu, torch " in table and "| fa | 2 |" in table and "| bp | 2 |" in table
     with pytest.raises(SystemExit):
         main(["bench", "--batch-sizes", "0"])
     assert "invalid batch sizes '0'" in capsys.readouterr().err
