@@ -58,7 +58,12 @@ def activation_function(module: nn.Module) -> Callable[[Tensor], Tensor]:
 #: Modules that carry no parameters and whose autograd backward is the routing every
 #: rule wants: max-pool to the winner, avg-pool spread evenly, reshape, same mask.
 PASSTHROUGH: tuple[type[nn.Module], ...] = (
-    nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d)
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d)
+
+#: Normalisation layers. Every rule keeps their autograd backward: their own scale and shift
+#: learn from the error that reaches them (local), and the error passes on scaled per channel by
+#: gamma / sigma (with the batch-statistics terms), a small, per-channel weight transport.
+NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _conv_args(layer: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:

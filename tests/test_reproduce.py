@@ -120,10 +120,10 @@ def test_cli_reproduce_finds_shipped_suites_from_anywhere(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "skip fashion-mnist: " in out and "train-images-idx3-ubyte.gz" in out and "(downloads off)" in out
     assert main(["reproduce", "--suite", "nope", "--dry-run"]) == 1
-    assert "unknown suite 'nope': choose one of cpu, paper, sign-cpu, sweep-cpu" in capsys.readouterr().err
+    assert "unknown suite 'nope': choose one of cpu, paper, resnet-cpu, sign-cpu, sweep-cpu" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])
-    assert "cpu, paper, sign-cpu, sweep-cpu" in " ".join(capsys.readouterr().out.split())
+    assert "cpu, paper, resnet-cpu, sign-cpu, sweep-cpu" in " ".join(capsys.readouterr().out.split())
 
 
 def test_interrupted_run_resumes(suite, tmp_path, monkeypatch):
@@ -188,7 +188,7 @@ def test_report_chooses_each_rules_row_on_validation_not_test(tmp_path):
     assert "- fa (tanh)" not in text
 
 
-@pytest.mark.parametrize("name", ["cpu", "paper", "sweep-cpu", "sign-cpu"])
+@pytest.mark.parametrize("name", ["cpu", "paper", "sweep-cpu", "sign-cpu", "resnet-cpu"])
 def test_shipped_suites_plan_and_keep_their_records(name):
     from pathlib import Path
     root = Path(__file__).parent.parent

@@ -14,7 +14,7 @@ from torch import nn
 import ekdaa
 from ekdaa.rules import ConversionError
 from ekdaa.rules.dfa import DirectFeedback
-from reference import reference_grads
+from reference import Residual, reference_grads
 
 
 
@@ -240,6 +240,78 @@ def test_straight_through_bp_on_a_sign_network_matches_reference():
     assert isinstance(model[1], ekdaa.Sign)  # still a Sign to anything that looks for one
 
 
+class Block(nn.Module):
+    """A user-written residual block: act(branch(x) + shortcut(x)), BatchNorm in both branches."""
+
+    def __init__(self, cin: int, cout: int, stride: int, act=nn.Tanh):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), act(),
+                                    nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.act = act()
+
+    def forward(self, x):
+        return self.act(self.branch(x) + self.shortcut(x))
+
+
+def residual_net(act=nn.Tanh) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), act(), Block(3, 3, 1, act),
+                         Block(3, 4, 2, act), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6, bias=False),
+                         nn.BatchNorm1d(6), act(), nn.Linear(6, 5))
+
+
+def as_reference(net: nn.Sequential) -> list:
+    return [Residual(list(m.branch), list(m.shortcut), m.act) if isinstance(m, Block) else m for m in net]
+
+
+@pytest.mark.parametrize("rule", [r for r in ekdaa.RULES if r != "last-layer"])
+def test_grads_through_batchnorm_and_residual_blocks_match_reference(rule):
+    torch.manual_seed(3)
+    net = residual_net()
+    randomise(net)
+    x, y = batch()
+    model = ekdaa.convert(copy.deepcopy(net), rule, example_input=x)
+    got = grads_of(model, x, y)
+    transmit = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = m.weight.detach()
+            if rule == "sign-symmetry":
+                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(w)
+                transmit[name] = torch.sign(w) * (2.0 / (fan_in + fan_out)) ** 0.5
+            else:
+                transmit[name] = getattr(m, {"ekdaa": "error_kernel", "fa": "feedback",
+                                             "kolen-pollack": "feedback"}.get(rule, "weight")).detach()
+    direct = {name: m.feedback for name, m in model.named_modules() if isinstance(m, DirectFeedback)}
+    want = reference_grads(as_reference(net), rule, x, y, transmit=transmit, direct=direct)
+    assert {n for n in got if not n.endswith(("error_kernel", "feedback"))} == set(want)
+    for name, g in want.items():
+        assert g.norm() > 1e-6, name
+        assert_close_rel(got[name], g, name=f"{rule} {name}")
+
+
+@pytest.mark.parametrize("rule", list(ekdaa.RULES))
+def test_a_residual_network_with_batchnorm_trains_under_every_rule(rule):
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float32)
+    x, y = torch.randn(32, 2, 8, 8), torch.randint(0, 5, (32,))
+    model = ekdaa.convert(residual_net(), rule, example_input=x)
+    opt = torch.optim.SGD(ekdaa.param_groups(model, lr=0.05), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.9 * losses[0], rule  # random labels of 32 images, 60 steps
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert bool(frozen) == (rule == "last-layer")  # the floor freezes hidden norms too
+    if rule == "last-layer":
+        assert sorted(set(n for n, p in model.named_parameters()) - set(frozen)) == ["10.bias", "10.weight"]
+
+
 @pytest.mark.parametrize("act", [nn.Tanh, ekdaa.Sign])
 def test_last_layer_trains_only_the_output_layer(act):
     net = make_net(act=act)
@@ -458,9 +530,9 @@ def test_convert_refuses_what_it_cannot_train():
     x, _ = batch()
     with pytest.raises(ConversionError, match="already converted"):
         ekdaa.convert(ekdaa.convert(make_net(), "ekdaa"), "ekdaa")
-    bn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Sequential(nn.BatchNorm2d(3)), nn.Tanh())
-    with pytest.raises(ConversionError, match=r"'1\.0'.*BatchNorm2d"):
-        ekdaa.convert(bn, "ekdaa")
+    layer_norm = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Sequential(nn.LayerNorm(3)), nn.Tanh())
+    with pytest.raises(ConversionError, match=r"'1\.0' \(LayerNorm\): it holds parameters"):
+        ekdaa.convert(layer_norm, "ekdaa")
 
     class Custom(nn.Module):
         def __init__(self):

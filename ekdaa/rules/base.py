@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..layers import ACTIVATIONS, FEEDBACK_CLASSES, PASSTHROUGH, Sign
+from ..layers import ACTIVATIONS, FEEDBACK_CLASSES, NORMS, PASSTHROUGH, Sign
 
 
 class ConversionError(ValueError):
@@ -146,6 +146,8 @@ class Rule:
             return self.convert_activation(path, module)
         if kind in PASSTHROUGH:
             return self.convert_pool(path, module)
+        if kind in NORMS:
+            return module  # autograd's backward: see layers.NORMS
         children = list(module.named_children())
         own = [n for n, p in module.named_parameters(recurse=False)]
         if not self.accepts_any_module:
@@ -156,8 +158,8 @@ class Rule:
             if not children and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
                 raise ConversionError(
                     f"rule {self.name!r} cannot handle module '{where}' ({kind.__name__}); supported: "
-                    f"Conv2d, Linear, {', '.join(t.__name__ for t in ACTIVATIONS + PASSTHROUGH)} "
-                    "and containers of them")
+                    f"Conv2d, Linear, {', '.join(t.__name__ for t in ACTIVATIONS + PASSTHROUGH + NORMS)} "
+                    "and modules whose children are these (e.g. a residual block adding two branches)")
         for name, child in children:
             new = self._convert(child, f"{path}.{name}" if path else name)
             if new is not child:

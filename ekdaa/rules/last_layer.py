@@ -7,9 +7,10 @@ learns, from e_L = softmax(h_L) - onehot(y):
 
 Any rule that trains the hidden layers must beat this; a rule that does worse has
 made its random features worse. It evaluates no derivative, so ``Sign`` networks run.
-The output layer is the last Conv2d/Linear the model registers; every other weight
-layer's parameters get ``requires_grad=False`` (so optimizers, weight decay and
-DistributedDataParallel leave them alone).
+The output layer is the last Conv2d/Linear the model registers; every other parameter
+(hidden weight layers, normalisation layers' scale and shift) gets ``requires_grad=False``
+(so optimizers, weight decay and DistributedDataParallel leave them alone). Normalisation
+layers still track their running statistics in training mode, as under every rule.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class LastLayer(Rule):
 
     def convert(self, model: nn.Module, example_input: Tensor | None = None) -> nn.Module:
         model = super().convert(model, example_input)
-        *hidden, _ = [m for m in model.modules() if getattr(m, "rule", None) is self]
-        for layer in hidden:
-            layer.requires_grad_(False)
+        *_, output = [m for m in model.modules() if getattr(m, "rule", None) is self]
+        model.requires_grad_(False)
+        output.requires_grad_(True)
         return model
