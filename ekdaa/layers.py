@@ -60,10 +60,55 @@ def activation_function(module: nn.Module) -> Callable[[Tensor], Tensor]:
 PASSTHROUGH: tuple[type[nn.Module], ...] = (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d)
 
-#: Normalisation layers. Every rule keeps their autograd backward: their own scale and shift
-#: learn from the error that reaches them (local), and the error passes on scaled per channel by
-#: gamma / sigma (with the batch-statistics terms), a small, per-channel weight transport.
+#: Normalisation layers. By default every rule keeps their autograd backward: their own scale and
+#: shift learn from the error that reaches them (local), and the error passes on scaled per channel
+#: by gamma / sigma (with the batch-statistics terms), a small, per-channel weight transport; the
+#: rules' option ``norm_backward="inverse-std"`` divides it by sigma only (``INVERSE_STD_NORMS``).
 NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class _InverseStdRouteFn(torch.autograd.Function):
+    """Forward: the norm's output y (computed from a detached input). Backward: y gets the error,
+    so the norm's scale and shift learn from it, and the input x gets it times 1 / sigma."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor, inv_std: Tensor) -> Tensor:
+        ctx.save_for_backward(inv_std)
+        return y.clone()  # its own tensor: an in-place activation after it stays legal
+
+    @staticmethod
+    def backward(ctx, e: Tensor):
+        (inv_std,) = ctx.saved_tensors
+        return e, e * inv_std, None
+
+
+class _InverseStdNorm:
+    """Mixin for a BatchNorm: forward unchanged; the error reaches the input divided by sigma
+    only (no gamma, no batch-statistics terms), so no weight travels backwards through it."""
+
+    eps: float
+    training: bool
+    running_var: Tensor | None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)  # type: ignore[misc]
+        dims = (0,) if x.dim() == 2 else (0, 2, 3)
+        use_batch = self.training or self.running_var is None
+        var = x.detach().var(dims, unbiased=False) if use_batch else self.running_var
+        inv_std = torch.rsqrt(var + self.eps).view(1, -1, *[1] * (x.dim() - 2))
+        return _InverseStdRouteFn.apply(super().forward(x.detach()), x, inv_std)  # type: ignore[misc]
+
+
+class InverseStdBatchNorm1d(_InverseStdNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose error reaches its input divided by sigma only."""
+
+
+class InverseStdBatchNorm2d(_InverseStdNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose error reaches its input divided by sigma only."""
+
+
+INVERSE_STD_NORMS = {nn.BatchNorm1d: InverseStdBatchNorm1d, nn.BatchNorm2d: InverseStdBatchNorm2d}
 
 
 def _conv_args(layer: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:

@@ -77,7 +77,7 @@ class Residual:
 
 def reference_grads(layers: list, rule: str, x: Tensor, y: Tensor, *, beta: float = 0.9,
                     pool_routing: str = "max", error_norm: str = "none",
-                    target_function: str = "activation", tau: float = 1.0,
+                    target_function: str = "activation", tau: float = 1.0, norm_backward: str = "autograd",
                     transmit: dict | None = None, direct: dict | None = None) -> dict[str, Tensor]:
     """Per-parameter updates of ``rule`` for the plain layer list ``layers`` (modules, or
     :class:`Residual` blocks).
@@ -86,11 +86,12 @@ def reference_grads(layers: list, rule: str, x: Tensor, y: Tensor, *, beta: floa
     s*sign(W)); ``direct[path]``: DFA's B for the activation at that path (DFA's weight
     layers send nothing: an activation gets f'(h) (B e_L + whatever reaches it through a
     skip connection)). ``bp-ste`` is ``bp`` with the pseudo-derivative 1[|h| <= 1] at Sign.
+    ``norm_backward="inverse-std"``: the error crosses a BatchNorm divided by sigma only.
     Keys of the result are ``"{path}.weight"``, ``"{path}.bias"``; paths of a plain list
     are the indices.
     """
     ctx = dict(rule=rule, beta=beta, pool_routing=pool_routing, error_norm=error_norm,
-               target_function=target_function, tau=tau, n=x.shape[0], grads={},
+               target_function=target_function, tau=tau, norm_backward=norm_backward, n=x.shape[0], grads={},
                transmit={str(k): v for k, v in (transmit or {}).items()},
                direct={str(k): v for k, v in (direct or {}).items()})
     records = _forward(layers, x, "")
@@ -175,8 +176,11 @@ def _backward(records: list[tuple], d: Tensor, ctx: dict) -> Tensor:
             spatial = tuple(dim for dim in dims if dim != 0)
             grads[f"{path}.weight"] = ((d * x_hat).sum(spatial) if spatial else d * x_hat).mean(0)
             grads[f"{path}.bias"] = (d.sum(spatial) if spatial else d).mean(0)
-            d = layer.weight.view(shape) / sigma * (d - d.mean(dims, keepdim=True)
-                                                    - x_hat * (d * x_hat).mean(dims, keepdim=True))
+            if ctx["norm_backward"] == "inverse-std":
+                d = d / sigma
+            else:
+                d = layer.weight.view(shape) / sigma * (d - d.mean(dims, keepdim=True)
+                                                        - x_hat * (d * x_hat).mean(dims, keepdim=True))
         elif isinstance(layer, nn.MaxPool2d) and ctx["pool_routing"] == "max":
             _, idx = F.max_pool2d(inp, 2, return_indices=True)
             d = torch.zeros_like(inp).flatten(2).scatter_(2, idx.flatten(2), d.flatten(2)).view_as(inp)

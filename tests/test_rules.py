@@ -265,13 +265,18 @@ def as_reference(net: nn.Sequential) -> list:
     return [Residual(list(m.branch), list(m.shortcut), m.act) if isinstance(m, Block) else m for m in net]
 
 
-@pytest.mark.parametrize("rule", [r for r in ekdaa.RULES if r != "last-layer"])
-def test_grads_through_batchnorm_and_residual_blocks_match_reference(rule):
+NO_TRANSPORT = ["fa", "dfa", "sign-symmetry", "kolen-pollack", "ekdaa"]
+
+
+@pytest.mark.parametrize("rule,norm_backward", [(r, "autograd") for r in ekdaa.RULES if r != "last-layer"]
+                         + [(r, "inverse-std") for r in NO_TRANSPORT])
+def test_grads_through_batchnorm_and_residual_blocks_match_reference(rule, norm_backward):
     torch.manual_seed(3)
     net = residual_net()
     randomise(net)
     x, y = batch()
-    model = ekdaa.convert(copy.deepcopy(net), rule, example_input=x)
+    options = {} if norm_backward == "autograd" else dict(norm_backward=norm_backward)
+    model = ekdaa.convert(copy.deepcopy(net), rule, example_input=x, **options)
     got = grads_of(model, x, y)
     transmit = {}
     for name, m in model.named_modules():
@@ -284,8 +289,14 @@ def test_grads_through_batchnorm_and_residual_blocks_match_reference(rule):
                 transmit[name] = getattr(m, {"ekdaa": "error_kernel", "fa": "feedback",
                                              "kolen-pollack": "feedback"}.get(rule, "weight")).detach()
     direct = {name: m.feedback for name, m in model.named_modules() if isinstance(m, DirectFeedback)}
-    want = reference_grads(as_reference(net), rule, x, y, transmit=transmit, direct=direct)
+    want = reference_grads(as_reference(net), rule, x, y, transmit=transmit, direct=direct,
+                           norm_backward=norm_backward)
     assert {n for n in got if not n.endswith(("error_kernel", "feedback"))} == set(want)
+    plain = copy.deepcopy(net)  # the norms keep their names and track the same running statistics
+    plain(x)                    # (DFA's conversion traces the model: in eval mode, so they stay put)
+    state = model.state_dict()
+    for name, value in plain.state_dict().items():
+        assert torch.allclose(state[name], value, rtol=1e-12, atol=0), name
     for name, g in want.items():
         assert g.norm() > 1e-6, name
         assert_close_rel(got[name], g, name=f"{rule} {name}")

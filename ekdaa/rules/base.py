@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..layers import ACTIVATIONS, FEEDBACK_CLASSES, NORMS, PASSTHROUGH, Sign
+from ..layers import ACTIVATIONS, FEEDBACK_CLASSES, INVERSE_STD_NORMS, NORMS, PASSTHROUGH, Sign
 
 
 class ConversionError(ValueError):
@@ -56,6 +56,13 @@ class Option:
         if self.at_least is not None and not value >= self.at_least:
             raise ConversionError(f"{self.name} must be >= {self.at_least:g}, got {value}")
         return value
+
+
+#: The option of the rules that avoid weight transport (not bp), for what crosses a BatchNorm.
+NORM_BACKWARD = Option(
+    "norm_backward", "autograd", "through BatchNorm: autograd: its own backward (the error scaled per channel "
+    "by gamma/sigma, with the batch-statistics terms: a small weight transport); inverse-std: divided by "
+    "sigma only", choices=("autograd", "inverse-std"))
 
 
 class Rule:
@@ -147,7 +154,9 @@ class Rule:
         if kind in PASSTHROUGH:
             return self.convert_pool(path, module)
         if kind in NORMS:
-            return module  # autograd's backward: see layers.NORMS
+            if getattr(self, "norm_backward", "autograd") == "inverse-std":
+                module.__class__ = INVERSE_STD_NORMS[kind]  # in place: parameter names stay
+            return module
         children = list(module.named_children())
         own = [n for n, p in module.named_parameters(recurse=False)]
         if not self.accepts_any_module:

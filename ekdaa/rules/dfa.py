@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import ACTIVATIONS, FEEDBACK_CLASSES
-from .base import ConversionError, Rule
+from .base import NORM_BACKWARD, ConversionError, Rule
 
 
 class _HubFn(torch.autograd.Function):
@@ -68,6 +68,7 @@ class DirectFeedbackAlignment(Rule):
     """Direct feedback alignment: fixed random projections of the output error."""
 
     name = "dfa"
+    OPTIONS = (NORM_BACKWARD,)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -80,12 +81,15 @@ class DirectFeedbackAlignment(Rule):
         calls: list[tuple[nn.Module, Tensor]] = []
         hooks = [m.register_forward_hook(lambda m, i, o: calls.append((m, o)))
                  for m in model.modules() if type(m) in FEEDBACK_CLASSES or type(m) in ACTIVATIONS]
+        modes = [(m, m.training) for m in model.modules()]
         try:
             with torch.no_grad():
-                model(example_input)
+                model.eval()(example_input)  # eval: a BatchNorm's running statistics stay as they are
         finally:
             for hook in hooks:
                 hook.remove()
+            for m, training in modes:
+                m.train(training)
         model.register_forward_pre_hook(_start_forward)
         weights = [i for i, (m, _) in enumerate(calls) if type(m) in FEEDBACK_CLASSES]
         if not weights:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..fused import Fused
 from ..layers import Sign, activation_function, glorot_like
-from .base import ConversionError, Option, Rule
+from .base import NORM_BACKWARD, ConversionError, Option, Rule
 
 
 def smooth_stand_in(activation: nn.Module, tau: float) -> Callable[[Tensor], Tensor] | None:
@@ -216,6 +216,7 @@ class EKDAA(Rule):
         Option("error_map_from", "pre-activation", "pre-activation: keep h and form f(h) - f(h - beta*d), "
                "exact; output (tanh, sigmoid): keep only z = f(h), backprop's memory, exact in real arithmetic "
                "but in float32 off by up to ~1e-4 where z rounds to +-1", choices=("pre-activation", "output")),
+        NORM_BACKWARD,
         Option("loss_reduction", "mean", "mean if the loss averages over the batch (F.cross_entropy's "
                "default), sum if it sums", choices=("mean", "sum"), train=False),
     )

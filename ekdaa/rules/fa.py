@@ -12,13 +12,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import glorot_like
-from .base import Rule
+from .base import NORM_BACKWARD, Rule
 
 
 class FeedbackAlignment(Rule):
     """Feedback alignment: fixed random feedback B."""
 
     name = "fa"
+    OPTIONS = (NORM_BACKWARD,)
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, glorot_like(layer.weight.detach()), learned=None)

@@ -17,13 +17,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import glorot_like
-from .base import Rule
+from .base import NORM_BACKWARD, Rule
 
 
 class KolenPollack(Rule):
     """Kolen-Pollack: feedback B learned with W's update and weight decay."""
 
     name = "kolen-pollack"
+    OPTIONS = (NORM_BACKWARD,)
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, glorot_like(layer.weight.detach()), learned=True)

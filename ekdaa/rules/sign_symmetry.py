@@ -13,13 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import glorot_std
-from .base import Rule
+from .base import NORM_BACKWARD, Rule
 
 
 class SignSymmetry(Rule):
     """Sign symmetry: feedback s * sign(W), recomputed every step."""
 
     name = "sign-symmetry"
+    OPTIONS = (NORM_BACKWARD,)
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, None, learned=None)
