@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .analysis import ATTACKS, PICTURES
+from .analysis import ATTACKS, PICTURES, SCORE_ATTACKS
 from .config import Diverged, TrainConfig, TrainError
 from .data import DATASETS, DataError
 from .rules import ConversionError
@@ -105,13 +105,33 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from .analysis import markdown, robustness, write_result
-    result = robustness(args.runs, args.attack, args.eps, args.eps_unit, args.substitute, args.samples,
-                        args.steps, data_dir=args.data_dir, device=args.device)
-    print(markdown(result))
-    for path in write_result(result, args.out):
+    from .analysis import markdown, robustness, robustness_summary, summary_markdown, write_result, write_summary
+    if args.summary:
+        summary = robustness_summary(args.runs, args.attack, args.eps, args.eps_unit, args.substitute or (),
+                                     args.samples, args.steps, args.queries, data_dir=args.data_dir,
+                                     device=args.device)
+        print(summary_markdown(summary))
+        paths = write_summary(summary, args.out)
+    else:
+        if len(args.attack) != 1 or len(args.substitute or ()) > 1 or args.attack[0] not in ATTACKS:
+            raise ValueError("several attacks or substitutes, or square, need --summary (one table over all)")
+        result = robustness(args.runs, args.attack[0], args.eps, args.eps_unit,
+                            args.substitute[0] if args.substitute else None, args.samples, args.steps,
+                            data_dir=args.data_dir, device=args.device)
+        print(markdown(result))
+        paths = write_result(result, args.out)
+    for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def _attack_list(text: str) -> list[str]:
+    names = _csv(text)
+    bad = [n for n in names if n not in ATTACKS + SCORE_ATTACKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown attack(s) {', '.join(bad) or repr(text)}: choose from "
+                                         f"{', '.join(ATTACKS + SCORE_ATTACKS)}")
+    return names
 
 
 def _eps_list(text: str) -> list[float]:
@@ -216,17 +236,23 @@ def parser() -> argparse.ArgumentParser:
     _analysis_options(v)
     v.set_defaults(func=cmd_visualize)
 
-    a = sub.add_parser("attack", help="accuracy under FGSM/PGD, white-box or transferred from a substitute",
-                       description="Accuracy-vs-epsilon table (JSON, Markdown) and plot of one or several "
-                       "target runs; white-box unless --substitute.")
+    a = sub.add_parser("attack", help="accuracy under FGSM/PGD/Square Attack, white-box, transferred or "
+                       "score-based", description="Accuracy-vs-epsilon table (JSON, Markdown) and plot of one or "
+                       "several target runs; white-box unless --substitute. With --summary: many targets (rules "
+                       "x seeds), attacks and substitutes in one table, mean and std over seeds (summary.json).")
     a.add_argument("runs", nargs="+", metavar="RUN_DIR", help="target run directories")
-    a.add_argument("--attack", choices=ATTACKS, default="fgsm", help="L-inf attack (default fgsm)")
+    a.add_argument("--attack", type=_attack_list, default=["fgsm"], help="comma list of L-inf attacks: fgsm, "
+                   "pgd (gradient; transfer with --substitute), square (queries the target's outputs only; "
+                   "--summary) (default fgsm)")
+    a.add_argument("--summary", action="store_true", help="summarise over seeds: summary.json/md/png in --out")
+    a.add_argument("--queries", type=int, default=300, help="Square Attack queries per image (default 300)")
     a.add_argument("--eps", type=_eps_list, default=[0.0, 2.0, 4.0, 8.0], help="comma-separated epsilons "
                    "(default 0,2,4,8)")
     a.add_argument("--eps-unit", type=float, default=255.0, help="eps is in 1/UNIT of the pixel range "
                    "(default 255: grey levels)")
-    a.add_argument("--substitute", metavar="RUN_DIR", help="craft on this run (e.g. bp) and transfer to the "
-                   "targets (black-box); default: white-box on each target")
+    a.add_argument("--substitute", metavar="RUN_DIR", action="append", help="craft on this run (e.g. an "
+                   "independent bp run) and transfer to the targets (black-box); repeat it with --summary; "
+                   "default: white-box on each target")
     a.add_argument("--samples", type=int, default=1000, help="first N test images (0: all; default 1000)")
     a.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
     a.add_argument("--out", default="results/robustness", help="folder for the table and plot "

@@ -22,12 +22,14 @@ from ekdaa.analysis import (
     Tracker,
     alignment,
     craft,
+    square,
     fgsm,
     plain_copy,
     robustness,
     visualize,
     write_result,
 )
+from ekdaa.analysis.attacks import accuracy
 from ekdaa.analysis.pictures import DPI, SIZES
 from ekdaa.cli import main
 from ekdaa.models import build_model
@@ -275,7 +277,52 @@ def test_transfer_from_a_substitute_of_another_architecture_also_a_target(runs, 
     assert write_result(result, tmp_path)[0] == stem.with_suffix(".json")
 
 
+def test_square_attack_queries_only_outputs_and_stays_in_the_ball(runs):
+    run = RunDir(runs["bp"], "cpu")
+    x, y, _ = run.test_images(100)
+    pixels = x.float()
+    model = PixelModel(run.plain(), run.normalizer)
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    adv = square(model, pixels, y, 48.0, queries=40, generator=torch.Generator().manual_seed(0))
+    assert calls and not any(calls)  # outputs only: never a gradient
+    assert (adv - pixels).abs().max() <= 48.0 + 1e-4 and adv.min() >= 0 and adv.max() <= 255
+    assert accuracy(model, adv, y) < accuracy(model, pixels, y) - 0.1
+
+
+def test_summary_over_rules_seeds_and_substitutes(runs, tmp_path_factory, capsys):
+    tmp = tmp_path_factory.mktemp("seeds")
+    targets = [tiny(tmp, f"{rule}-s{seed}", rule=rule, seed=seed, epochs=1)
+               for rule in ("bp", "ekdaa") for seed in (0, 1)]
+    out = tmp / "robustness"
+    argv = ["attack", *targets, "--summary", "--attack", "fgsm,square", "--eps", "16,64", "--substitute", runs["bp"],
+            "--samples", "60", "--queries", "10", "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {(r["attack"], r["eps"], r["rule"], r["substitute"]): r for r in summary["rows"]}
+    assert set(rows) == {(a, e, rule, sub) for a, sub in (("fgsm", "bp"), ("square", "none (score-based)"))
+                         for e in (16, 64) for rule in ("bp", "ekdaa")}
+    row = rows[("fgsm", 16, "ekdaa", "bp")]
+    assert row["seeds"] == [0, 1] and row["dataset"] == "digits"
+    alone = [robustness([t], "fgsm", [16], substitute=runs["bp"], samples=60, device="cpu")["rows"][0]["accuracy"][0]
+             for t in targets[2:]]
+    assert row["accuracy"] == pytest.approx(alone)  # each seed's own number, then their mean and std
+    assert row["accuracy_mean"] == pytest.approx(sum(alone) / 2)
+    assert row["accuracy_std"] == pytest.approx(abs(alone[0] - alone[1]) / 2 ** 0.5)
+    diff = next(d for d in summary["differences"] if (d["attack"], d["eps"]) == ("fgsm", 16))
+    bp_row = rows[("fgsm", 16, "bp", "bp")]
+    assert diff["difference_mean"] == pytest.approx(row["accuracy_mean"] - bp_row["accuracy_mean"])
+    assert "### digits, square" in (out / "summary.md").read_text() and (out / "summary.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert main(["attack", targets[0], "--summary", "--substitute", targets[0], "--samples", "10",
+                 "--device", "cpu", "--out", str(out)]) == 1
+    assert "is also a target: use substitutes independent of every target" in capsys.readouterr().err
+    assert main(["attack", targets[0], "--attack", "fgsm,pgd", "--device", "cpu"]) == 1
+    assert "need --summary" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["attack", "x", "--attack", "cw"], "unknown attack(s) cw"),
     (["attack", "x", "--eps", "1,a"], "not a comma-separated list"),
     (["attack", "x", "--eps", "-1"], "must be >= 0"),
     (["visualize", "x", "--what", "nope"], "invalid choice"),

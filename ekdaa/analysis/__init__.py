@@ -8,10 +8,12 @@
   substitute run.
 """
 from .alignment import Tracker, alignment, angle, feedback_tensor, weight_layers
-from .attacks import ATTACKS, PixelModel, craft, fgsm, markdown, pgd, robustness, write_result
+from .attacks import (ATTACKS, SCORE_ATTACKS, PixelModel, craft, differences, fgsm, markdown, pgd, robustness,
+                      robustness_summary, square, summary_markdown, write_result, write_summary)
 from .pictures import PICTURES, visualize
 from .runs import RunDir, copy_weights, plain_copy
 
-__all__ = ["ATTACKS", "PICTURES", "PixelModel", "RunDir", "Tracker", "alignment", "angle", "copy_weights", "craft",
-           "feedback_tensor", "fgsm", "markdown", "pgd", "plain_copy", "robustness",
-           "visualize", "weight_layers", "write_result"]
+__all__ = ["ATTACKS", "PICTURES", "SCORE_ATTACKS", "PixelModel", "RunDir", "Tracker", "alignment", "angle",
+           "copy_weights", "craft", "differences", "feedback_tensor", "fgsm", "markdown", "pgd", "plain_copy",
+           "robustness", "robustness_summary", "square", "summary_markdown", "visualize", "weight_layers",
+           "write_result", "write_summary"]

@@ -1,4 +1,6 @@
-"""Adversarial robustness: FGSM and PGD (L-inf), white-box or transferred from a substitute.
+"""Adversarial robustness: FGSM and PGD (L-inf), white-box or transferred from a substitute,
+and Square Attack, which only queries the target's outputs; one run at a time
+(:func:`robustness`) or many runs summarised over seeds (:func:`robustness_summary`).
 
 Images are attacked in pixel space (floats in 0..255, the run's normalisation applied inside
 the model); eps is given in units of ``1 / eps_unit`` of the pixel range, e.g. eps 8 with
@@ -21,6 +23,7 @@ through the run's normaliser, and reusing one set of examples across targets.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,8 @@ from .pictures import plot_robustness
 from .runs import RunDir
 
 ATTACKS = ("fgsm", "pgd")
+#: Attacks that only query the model's outputs (no gradient, no substitute).
+SCORE_ATTACKS = ("square",)
 PIXEL_RANGE = (0.0, 255.0)
 
 
@@ -74,6 +79,48 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10,
         adv = adv + 2.5 * eps / steps * input_gradient(model, adv, y).sign()
         adv = torch.minimum(torch.maximum(adv, x - eps), x + eps).clamp(*PIXEL_RANGE)
     return adv
+
+
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """The true class's logit minus the largest other one: the image is misclassified below 0."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    return true - logits.scatter(1, y[:, None], float("-inf")).amax(1)
+
+
+# the fractions of a 10,000-query run at which Square Attack halves its square's area
+_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+@torch.no_grad()
+def square(model: nn.Module, x: Tensor, y: Tensor, eps: float, queries: int = 300, p_init: float = 0.05,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Square Attack, L-inf (Andriushchenko et al., 2020): a score-based black-box attack that
+    only queries the model's outputs. Start from vertical stripes of +-eps; at each query set a
+    random square (area a fraction p of the image, p halving on the paper's schedule) to +-eps per
+    channel and keep the change where it lowers the margin; images already misclassified stop."""
+    n, c, h, w = x.shape
+    rand = dict(generator=generator, device=x.device)
+    stripes = torch.randint(0, 2, (n, c, 1, w), **rand).to(x.dtype).mul_(2).sub_(1)
+    delta = (eps * stripes).expand(n, c, h, w).clone()
+    best = margin(model((x + delta).clamp(*PIXEL_RANGE)), y)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    for i in range(queries):
+        active = (best > 0).nonzero().squeeze(1)
+        if not len(active):
+            break
+        p = p_init / 2 ** sum(i * 10_000 / queries > t for t in _HALVINGS)
+        side = max(1, min(h, w, round((p * h * w) ** 0.5)))
+        top = torch.randint(0, h - side + 1, (len(active),), **rand)
+        left = torch.randint(0, w - side + 1, (len(active),), **rand)
+        inside = (((rows[None] >= top[:, None]) & (rows[None] < top[:, None] + side))[:, :, None]
+                  & ((cols[None] >= left[:, None]) & (cols[None] < left[:, None] + side))[:, None, :])
+        signs = torch.randint(0, 2, (len(active), c, 1, 1), **rand).to(x.dtype).mul_(2).sub_(1)
+        candidate = torch.where(inside[:, None], eps * signs, delta[active])
+        score = margin(model((x[active] + candidate).clamp(*PIXEL_RANGE)), y[active])
+        better = score < best[active]
+        delta[active[better]] = candidate[better]
+        best[active[better]] = score[better]
+    return (x + delta).clamp(*PIXEL_RANGE)
 
 
 def craft(attack: str, model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10,
@@ -197,3 +244,132 @@ def write_result(result: dict[str, Any], out: str | Path) -> list[Path]:
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(markdown(result))
     return [json_path, md_path, plot_robustness(result, out / f"{stem}.png")]
+
+
+def robustness_summary(targets: Sequence[str | Path], attacks: Sequence[str] = ("fgsm", "pgd", "square"),
+                       eps: Sequence[float] = (4, 8, 16, 32), eps_unit: float = 255.0,
+                       substitutes: Sequence[str | Path] = (), samples: int = 1000, steps: int = 10,
+                       queries: int = 300, data_dir: str | None = None, device: str = "auto",
+                       seed: int = 0) -> dict[str, Any]:
+    """Accuracy under attack of many target runs (several rules, several seeds, any datasets),
+    summarised over seeds: one row per dataset, attack, eps, rule and substitute, with the seeds,
+    each seed's accuracy, their mean and standard deviation, and each target's clean accuracy.
+
+    FGSM and PGD transfer from each substitute of the target's dataset (white-box on each target
+    when no substitute is given); Square Attack queries each target itself (``queries`` per image).
+    Substitutes must be independent of every target (none of them a target)."""
+    unknown = [a for a in attacks if a not in ATTACKS + SCORE_ATTACKS]
+    if unknown or not attacks:
+        raise ValueError(f"unknown attacks {unknown}: choose from {', '.join(ATTACKS + SCORE_ATTACKS)}")
+    if not targets:
+        raise ValueError("give at least one target run directory")
+    if any(e < 0 for e in eps) or not eps_unit > 0:
+        raise ValueError("eps must be >= 0 and eps_unit > 0")
+    runs = [RunDir(path, device) for path in targets]
+    subs = [RunDir(path, device) for path in substitutes]
+    shared = {r.key for r in runs} & {s.key for s in subs}
+    if shared:
+        raise ValueError(f"substitute {Path(next(iter(shared))).name} is also a target: use substitutes "
+                         "independent of every target (e.g. another seed or architecture)")
+    records: list[dict[str, Any]] = []
+    for dataset in sorted({r.cfg.dataset for r in runs}):
+        group = [r for r in runs if r.cfg.dataset == dataset]
+        crafters = [s for s in subs if s.cfg.dataset == dataset]
+        x, y, _ = group[0].test_images(samples, data_dir)
+        pixels = x.float()
+        models = {r.key: PixelModel(r.plain(), r.normalizer) for r in group}
+        clean = {r.key: accuracy(models[r.key], pixels, y) for r in group}
+
+        def record(attack: str, e: float, run: RunDir, substitute: str, acc: float) -> None:
+            records.append(dict(dataset=dataset, attack=attack, eps=e, rule=run.cfg.rule, substitute=substitute,
+                                seed=run.cfg.seed, run=run.name, accuracy=acc, clean_accuracy=clean[run.key]))
+
+        for attack in attacks:
+            for e in eps:
+                pixel_eps = e * 255.0 / eps_unit
+                if attack in SCORE_ATTACKS:
+                    for run in group:
+                        generator = torch.Generator(device=pixels.device).manual_seed(seed)
+                        adv = square(models[run.key], pixels, y, pixel_eps, queries, generator=generator)
+                        record(attack, e, run, "none (score-based)", accuracy(models[run.key], adv, y))
+                elif not crafters:
+                    for run in group:
+                        adv = craft(attack, models[run.key], pixels, y, pixel_eps, steps, seed)
+                        record(attack, e, run, "none (white-box)", accuracy(models[run.key], adv, y))
+                for sub in crafters if attack in ATTACKS else ():
+                    adv = craft(attack, PixelModel(sub.plain(), sub.normalizer), pixels, y, pixel_eps, steps, seed)
+                    for run in group:
+                        record(attack, e, run, sub.name, accuracy(models[run.key], adv, y))
+    rows: dict[tuple, dict[str, Any]] = {}
+    for rec in records:
+        key = (rec["dataset"], rec["attack"], rec["eps"], rec["rule"], rec["substitute"])
+        row = rows.setdefault(key, dict(zip(("dataset", "attack", "eps", "rule", "substitute"), key),
+                                        seeds=[], runs=[], accuracy=[], clean_accuracy=[]))
+        row["seeds"].append(rec["seed"])
+        row["runs"].append(rec["run"])
+        row["accuracy"].append(rec["accuracy"])
+        row["clean_accuracy"].append(rec["clean_accuracy"])
+    for row in rows.values():
+        for field in ("accuracy", "clean_accuracy"):
+            values = row[field]
+            row[f"{field}_mean"] = statistics.mean(values)
+            row[f"{field}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return dict(eps_unit=eps_unit, samples=samples, steps=steps, queries=queries, seed=seed,
+                substitutes=[s.name for s in subs], rows=list(rows.values()))
+
+
+def differences(summary: dict[str, Any], rule: str = "ekdaa", baseline: str = "bp") -> list[dict[str, Any]]:
+    """``rule`` minus ``baseline`` per dataset, attack, substitute and eps, paired by seed: the
+    mean and standard deviation of the per-seed differences over the seeds both have."""
+    by_key = {(r["dataset"], r["attack"], r["substitute"], r["eps"], r["rule"]): r for r in summary["rows"]}
+    out = []
+    for (dataset, attack, substitute, e, name), row in by_key.items():
+        other = by_key.get((dataset, attack, substitute, e, baseline))
+        if name != rule or other is None:
+            continue
+        theirs = dict(zip(other["seeds"], other["accuracy"]))
+        diffs = [a - theirs[s] for s, a in zip(row["seeds"], row["accuracy"]) if s in theirs]
+        if diffs:
+            out.append(dict(dataset=dataset, attack=attack, substitute=substitute, eps=e, seeds=len(diffs),
+                            difference_mean=statistics.mean(diffs),
+                            difference_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0))
+    return out
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary as Markdown: per dataset and attack, accuracy (%) mean ± std over seeds at each
+    eps, with the clean accuracy; then EKDAA minus BP, paired by seed."""
+    unit = summary["eps_unit"]
+    lines = [f"First {summary['samples']} test images; eps in 1/{unit:g} of the pixel range; PGD {summary['steps']} "
+             f"steps; Square Attack {summary['queries']} queries. Accuracy in %, mean ± std over seeds (n).", ""]
+    pct = lambda m, s, n: f"{100 * m:.1f} ± {100 * s:.1f} ({n})"  # noqa: E731
+    for dataset, attack in sorted({(r["dataset"], r["attack"]) for r in summary["rows"]}):
+        rows = [r for r in summary["rows"] if (r["dataset"], r["attack"]) == (dataset, attack)]
+        eps = sorted({r["eps"] for r in rows})
+        lines += [f"### {dataset}, {attack}", "", "| rule | substitute | clean | " + " | ".join(f"{e:g}" for e in eps)
+                  + " |", "|" + " --- |" * (3 + len(eps))]
+        for rule, sub in sorted({(r["rule"], r["substitute"]) for r in rows}):
+            cells = {r["eps"]: r for r in rows if (r["rule"], r["substitute"]) == (rule, sub)}
+            first = next(iter(cells.values()))
+            lines.append(f"| {rule} | {sub} | {pct(first['clean_accuracy_mean'], first['clean_accuracy_std'], len(first['seeds']))} | "
+                         + " | ".join(pct(cells[e]["accuracy_mean"], cells[e]["accuracy_std"], len(cells[e]["seeds"]))
+                                      if e in cells else "-" for e in eps) + " |")
+        lines.append("")
+    diffs = differences(summary)
+    if diffs:
+        lines += ["### EKDAA minus BP (points, paired by seed: mean ± std)", "",
+                  "| dataset | attack | substitute | eps | EKDAA - BP | seeds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {d['dataset']} | {d['attack']} | {d['substitute']} | {d['eps']:g} | "
+                  f"{100 * d['difference_mean']:+.1f} ± {100 * d['difference_std']:.1f} | {d['seeds']} |" for d in diffs]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: dict[str, Any], out: str | Path) -> list[Path]:
+    """``summary.json``, ``summary.md`` and ``summary.png`` (error bars over seeds) in ``out``."""
+    from .pictures import plot_summary
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "summary.json", out / "summary.md"
+    json_path.write_text(json.dumps(dict(summary, differences=differences(summary)), indent=2) + "\n")
+    md_path.write_text(summary_markdown(summary))
+    return [json_path, md_path, plot_summary(summary, out / "summary.png")]

@@ -326,6 +326,32 @@ def plot_suite(rows: Sequence[SuiteRow], title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_summary(summary: dict[str, Any], path: Path) -> Path:
+    """Accuracy against eps, one panel per dataset and attack, one line per rule and substitute,
+    error bars the standard deviation over seeds."""
+    panels = sorted({(r["dataset"], r["attack"]) for r in summary["rows"]})
+    fig = _figure("robustness")
+    fig.set_size_inches(4.2 * len(panels) + 2.5, 4.2)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cmap = _colours()
+    lines = sorted({(r["rule"], r["substitute"]) for r in summary["rows"]})
+    for ax, (dataset, attack) in zip(axes, panels):
+        for k, (rule, sub) in enumerate(lines):
+            rows = sorted((r for r in summary["rows"] if (r["dataset"], r["attack"], r["rule"], r["substitute"])
+                           == (dataset, attack, rule, sub)), key=lambda r: r["eps"])
+            if rows:
+                ax.errorbar([r["eps"] for r in rows], [100 * r["accuracy_mean"] for r in rows],
+                            yerr=[100 * r["accuracy_std"] for r in rows], marker="o", ms=3, capsize=2,
+                            color=cmap(k % 10), label=f"{rule}, substitute {sub}")
+        ax.set(title=f"{dataset}, {attack}", xlabel=f"eps (x/{summary['eps_unit']:g} of the pixel range)",
+               ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy under attack (%)")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_robustness(result: dict[str, Any], path: Path) -> Path:
     """Accuracy against epsilon, one line per model, from :func:`~ekdaa.analysis.attacks.robustness`."""
     fig = _figure("robustness")
