@@ -143,6 +143,15 @@ def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: i
         variants.update({f"{name}+unfused": (name, False, False) for name in names if name != "bp"})
     if compile:
         variants.update({f"{name}+compile": (name, True, True) for name in names})
+    enabled = fusion.ENABLED  # each setup switches fusion for its own steps; restored at the end
+    try:
+        return _run(variants, batch_sizes, steps, repeats, device, amp, channels_last)
+    finally:
+        fusion.ENABLED = enabled
+
+
+def _run(variants: dict[str, tuple[str, bool, bool]], batch_sizes: Sequence[int], steps: int, repeats: int,
+         device: torch.device, amp: str, channels_last: bool) -> list[dict[str, Any]]:
     names = list(variants)
     rows: list[dict[str, Any]] = []
     for batch in batch_sizes:

@@ -179,8 +179,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="TOML file of options (keys as flags, e.g. batch_size = 50), or a run's "
                    "config.json to train that run's config again (with a new --out)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
-                   "with its own config; --epochs N extends it, --device/--data-dir/--compile may change, any "
-                   "other change is refused")
+                   "with its own config; --epochs N extends it, --data-dir/--compile and --device (within cpu or "
+                   "cuda) may change, any other change is refused")
     _train_options(t)
     t.set_defaults(func=cmd_train)
 

@@ -132,7 +132,8 @@ class _RunFields:
             if not isinstance(value, want) or (isinstance(value, bool) and type(default) is not bool):
                 raise TrainError(f"config key {key} = {value!r} should be of type {type(default).__name__}"
                                  f"{' or null' if default is None else ''}, like its default {default!r}")
-        return cls(**values)
+        # a float field given as an int (tau = 2) is that float: one value, one run identity
+        return cls(**{k: float(v) if type(getattr(defaults, k)) is float else v for k, v in values.items()})
 
 
 def _rule_option_fields() -> list[tuple[str, type, Any]]:
@@ -183,6 +184,9 @@ def resumed_config(saved: TrainConfig, asked: TrainConfig) -> TrainConfig:
                          for n in changed)
         raise TrainError(f"--resume continues a run with its own config, but {what} would change it: "
                          "drop the option, or start a new run with another --out")
+    if asked.epochs < saved.epochs:
+        raise TrainError(f"--resume with --epochs {asked.epochs} would shorten the run's {saved.epochs} epochs: "
+                         "--epochs may only extend it")
     if asked.epochs != saved.epochs and saved.lr_schedule != "none":
         raise TrainError(f"--resume with --epochs {asked.epochs} would change the run's "
                          f"{saved.lr_schedule} schedule over {saved.epochs} epochs: keep --epochs "

@@ -8,6 +8,11 @@ instead of into a fresh tensor (on CPU a fresh large tensor page-faults in); sma
 whole model is being compiled, run the eager function. Where compilation is impossible
 (no C++ compiler on CPU, an unsupported device), the first failure prints one notice and
 every later call runs eagerly. ``ENABLED = False`` turns fusion off (the benchmark compares).
+
+Writing over an input is safe where nothing else needs it after the backward that consumes
+it; autograd checks the rest: a second backward through the same graph (``retain_graph=True``)
+or another operation that saved the same tensor fails loudly ("modified by an inplace
+operation"), never silently. Set ``ENABLED = False`` for such uses.
 """
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ class _InverseStdNorm:
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)  # type: ignore[misc]
-        dims = (0,) if x.dim() == 2 else (0, 2, 3)
+        dims = (0, *range(2, x.dim()))  # every dimension but the channels
         use_batch = self.training or self.running_var is None
         var = x.detach().var(dims, unbiased=False) if use_batch else self.running_var
         inv_std = torch.rsqrt(var + self.eps).view(1, -1, *[1] * (x.dim() - 2))

@@ -162,6 +162,11 @@ class Run:
                 raise TrainError(f"--resume: no checkpoint.pt in {self.out}: start the run without --resume")
             saved = load_checkpoint(self.out / "checkpoint.pt")  # on the CPU: RNG states must stay there
             self.cfg = cfg = resumed_config(TrainConfig.from_dict(saved["config"]), cfg)
+            written_on = "cuda" if "cuda" in saved["rng"] else "cpu"
+            if written_on != self.device.type:
+                raise TrainError(f"{self.out}/checkpoint.pt was written on {written_on} and holds that device's "
+                                 f"random state: resume it on {written_on} (--device {written_on}), or start a "
+                                 "new run")
             world = train_state(saved).world
             if saved["step"] and world != self.dist.world:
                 raise TrainError(

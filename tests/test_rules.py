@@ -153,6 +153,20 @@ def test_error_map_from_output_matches_reference(options, act):
         assert_close_rel(got[name], g, name=name)
 
 
+def test_error_map_from_output_is_finite_and_silent_where_saturated():
+    from ekdaa.rules.ekdaa import FROM_OUTPUT
+    h = torch.tensor([9.5, 9.5, -30.0, 0.3], dtype=torch.float32)
+    d = torch.tensor([8.0, 12.0, -200.0, 0.5], dtype=torch.float32)
+    one = torch.tensor(1.0)
+    for act, f in ((nn.Tanh, torch.tanh), (nn.Sigmoid, torch.sigmoid)):
+        e = FROM_OUTPUT[act](f(h), d, one, one)
+        assert torch.isfinite(e).all(), act
+        exact = f(h.double()) - f(h.double() - d.double())
+        assert abs(e[3] - exact[3]) < 1e-6  # an unsaturated unit: the exact error map
+    e = FROM_OUTPUT[nn.Tanh](torch.tanh(h), d, one, one)
+    assert e[0] == 0 and e[1] == 0  # z rounded to 1: h is lost, no error (exact: 0.095, 1.99)
+
+
 def test_error_map_from_output_keeps_what_backprop_keeps():
     torch.set_default_dtype(torch.float32)
     x, y = batch(16)
@@ -217,6 +231,17 @@ def test_fused_error_map_matches_reference_and_leaves_inputs_alone(monkeypatch):
             assert_close_rel(got[name], g, name=f"{act.__name__} {name}")
         kernel = model[1].kernel
         assert kernel._compiled is not None and not kernel._broken  # the fused path ran
+    # a second backward through the graph fails loudly when fused, and works unfused
+    model = ekdaa.convert(copy.deepcopy(make_net()), "ekdaa")
+    loss = F.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    monkeypatch.setattr(ekdaa.fused, "ENABLED", False)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    monkeypatch.setattr(ekdaa.fused, "ENABLED", True)
     # an activation fed the input itself (or a view of it) must not write over it
     data = torch.randn(4, 6, requires_grad=True)
     before = data.detach().clone()
@@ -489,6 +514,29 @@ def test_sign_cnn_trains(rule, options):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
     assert (model[0].weight - w0).norm() > 0.1  # the first layer, below two signs, learns too
+
+
+def test_inverse_std_norm_divides_the_error_by_sigma_for_any_input_rank():
+    for shape in ((6, 3), (6, 3, 5), (6, 3, 4, 4)):
+        norm = nn.BatchNorm1d(3) if len(shape) < 4 else nn.BatchNorm2d(3)
+        model = ekdaa.convert(nn.Sequential(nn.Linear(1, 1), norm), "fa", norm_backward="inverse-std")
+        x = torch.randn(*shape, requires_grad=True)
+        out = model[1](x)
+        e = torch.randn(shape)
+        out.backward(e)
+        dims = (0, *range(2, len(shape)))
+        sigma = (x.detach().var(dims, unbiased=False, keepdim=True) + norm.eps).sqrt()
+        assert_close_rel(x.grad, e / sigma, name=str(shape))
+
+
+def test_failed_dfa_conversion_leaves_the_model_as_it_was():
+    net = nn.Sequential(nn.Linear(3, 3), nn.Tanh())  # ends with an activation: DFA refuses it
+    x = torch.randn(2, 3)
+    with pytest.raises(ConversionError, match="runs after the output layer"):
+        ekdaa.convert(net, "dfa", example_input=x)
+    assert not net._forward_pre_hooks
+    net(x)
+    ekdaa.convert(net, "bp")(x)
 
 
 def test_dfa_forward_that_stops_midway_leaves_nothing_behind():

@@ -129,10 +129,24 @@ def test_cli_resume_continues_the_run_with_its_own_config(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--rule 'fa' (the run's: 'ekdaa'), --lr 0.5 (the run's: 0.05)" in err and len(err.splitlines()) == 1
     assert main(["train", "--resume"]) == 1 and "--resume needs --out" in capsys.readouterr().err
+    assert main(["train", "--out", run, "--resume", "--epochs", "2"]) == 1
+    assert "would shorten the run's 3 epochs" in capsys.readouterr().err
     # a run's config.json as --config: the same run again, elsewhere
     assert main(["train", "--config", f"{run}/config.json", "--epochs", "3", "--out", str(tmp_path / "again")]) == 0
     a, b = params(f"{run}/checkpoint.pt"), params(tmp_path / "again" / "checkpoint.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_kind_of_device_and_floats_are_floats(tmp_path):
+    train(tiny(tmp_path, epochs=1), log=lambda s: None)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as if written on a GPU
+    torch.save(state, path)
+    with pytest.raises(TrainError, match="written on cuda.*resume it on cuda"):
+        Run(tiny(tmp_path, epochs=2), resume=True)
+    cfg = TrainConfig.from_dict({"tau": 2, "lr": 1})
+    assert type(cfg.tau) is float and type(cfg.lr) is float and cfg == TrainConfig(tau=2.0, lr=1.0)
 
 
 def test_mid_epoch_checkpoint_resumes_only_under_its_world_size(tmp_path):

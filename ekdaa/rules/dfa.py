@@ -90,7 +90,6 @@ class DirectFeedbackAlignment(Rule):
                 hook.remove()
             for m, training in modes:
                 m.train(training)
-        model.register_forward_pre_hook(_start_forward)
         weights = [i for i, (m, _) in enumerate(calls) if type(m) in FEEDBACK_CLASSES]
         if not weights:
             raise ConversionError("rule 'dfa': the model has no Conv2d/Linear layer")
@@ -110,6 +109,11 @@ class DirectFeedbackAlignment(Rule):
                                       "give each hidden layer its own activation module")
             shape = (n_out, *out.shape[1:])
             self.hidden[m] = nn.init.xavier_uniform_(torch.empty(shape, dtype=out.dtype).view(n_out, -1)).view(shape)
+
+    def convert(self, model: nn.Module, example_input: Tensor | None = None) -> nn.Module:
+        model = super().convert(model, example_input)
+        model.register_forward_pre_hook(_start_forward)  # only once converted: a failed conversion leaves none
+        return model
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, None, learned=None)

@@ -25,7 +25,8 @@ through its *error kernel* E (``error_kernel``, a Parameter of W's shape whose
 ``.grad`` is dW). Each activation module becomes an :class:`ErrorMap` whose
 backward turns the arriving d into the error map e, on large tensors in one fused
 pass written over the dead pre-activation h (:mod:`ekdaa.fused`; a forward hook that
-keeps h sees it overwritten after backward: clone it there). gamma is E's learning rate
+keeps h sees it overwritten after backward: clone it there; for ``retain_graph=True`` set
+``ekdaa.fused.ENABLED = False``). gamma is E's learning rate
 relative to W's: ``ekdaa.param_groups`` puts E in a group with ``lr = gamma * lr``,
 which under SGD is exactly dE = gamma * dW at W's learning rate and, unlike scaling
 E's gradient, stays meaningful under Adam. With gamma = 0, E is frozen.
@@ -75,16 +76,20 @@ def _smooth(h: Tensor, z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor,
 
 def _tanh_from_output(z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor) -> Tensor:
     """The literal tanh error map from z alone: with t = tanh(step d), tanh(h - step d) =
-    (z - t) / (1 - z t), so e = t (1 - z^2) / (1 - z t) / n."""
+    (z - t) / (1 - z t), so e = t (1 - z^2) / (1 - z t) / n. Where z has rounded to +-1 the
+    pre-activation is lost: e is 0 there (0 where 0/0)."""
     t = torch.tanh(step * d)
-    return t * (1 - z * z) / (1 - z * t) * inv_n
+    den = 1 - z * t
+    return torch.where(den > 0, t * (1 - z * z) / den, 0.0) * inv_n
 
 
 def _sigmoid_from_output(z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor) -> Tensor:
     """The literal sigmoid error map from z alone: with m = exp(step d) - 1, sigmoid(h - step d)
-    = z / (1 + (1 - z) m), so e = z (1 - z) m / (1 + (1 - z) m) / n."""
-    m = torch.expm1(step * d)
-    return z * (1 - z) * m / (1 + (1 - z) * m) * inv_n
+    = z / (1 + (1 - z) m), so e = z (1 - z) m / (1 + (1 - z) m) / n. Where z has rounded to 0 or
+    1 the pre-activation is lost: e is 0 there (0 where 0/0; exp capped to stay finite)."""
+    m = torch.expm1((step * d).clamp(max=80.0))
+    den = 1 + (1 - z) * m
+    return torch.where(den > 0, z * (1 - z) * m / den, 0.0) * inv_n
 
 
 FROM_OUTPUT: dict[type[nn.Module], Callable[..., Tensor]] = {nn.Tanh: _tanh_from_output,
@@ -214,8 +219,9 @@ class EKDAA(Rule):
                "not the paper's", choices=("activation", "smooth")),
         Option("tau", 1.0, "temperature of the smooth target's g", above=0),
         Option("error_map_from", "pre-activation", "pre-activation: keep h and form f(h) - f(h - beta*d), "
-               "exact; output (tanh, sigmoid): keep only z = f(h), backprop's memory, exact in real arithmetic "
-               "but in float32 off by up to ~1e-4 where z rounds to +-1", choices=("pre-activation", "output")),
+               "exact; output (tanh, sigmoid): keep only z = f(h), backprop's memory, exact in real arithmetic, "
+               "but a unit whose z has rounded to +-1 (tanh, |h| > ~9 in float32) gets no error",
+               choices=("pre-activation", "output")),
         NORM_BACKWARD,
         Option("loss_reduction", "mean", "mean if the loss averages over the batch (F.cross_entropy's "
                "default), sum if it sums", choices=("mean", "sum"), train=False),
