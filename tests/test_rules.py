@@ -69,6 +69,19 @@ def grads_of(model: nn.Module, x, y, loss_sum: bool = False) -> dict[str, torch.
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+def sgd_steps(model: nn.Module, x, y, lr: float, steps: int) -> list[float]:
+    """Train ``model`` on one batch with SGD (momentum 0.9); the loss before each step."""
+    opt = torch.optim.SGD(ekdaa.param_groups(model, lr=lr), lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def assert_close_rel(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-10, name: str = "") -> None:
     err = (got - want).norm() / want.norm().clamp_min(1e-300)
     assert err < tol, f"{name}: relative error {err:.3e}"
@@ -333,14 +346,7 @@ def test_a_residual_network_with_batchnorm_trains_under_every_rule(rule):
     torch.set_default_dtype(torch.float32)
     x, y = torch.randn(32, 2, 8, 8), torch.randint(0, 5, (32,))
     model = ekdaa.convert(residual_net(), rule, example_input=x)
-    opt = torch.optim.SGD(ekdaa.param_groups(model, lr=0.05), lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(60):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = sgd_steps(model, x, y, lr=0.05, steps=60)
     assert sum(losses[-3:]) / 3 < 0.9 * losses[0], rule  # random labels of 32 images, 60 steps
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert bool(frozen) == (rule == "last-layer")  # the floor freezes hidden norms too
@@ -503,14 +509,7 @@ def test_sign_cnn_trains(rule, options):
     w0 = model[0].weight.detach().clone()
     model = ekdaa.convert(model, rule, **options)
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,))
-    opt = torch.optim.SGD(ekdaa.param_groups(model, lr=0.01), lr=0.01, momentum=0.9)
-    losses = []
-    for _ in range(40):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = sgd_steps(model, x, y, lr=0.01, steps=40)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
     assert (model[0].weight - w0).norm() > 0.1  # the first layer, below two signs, learns too

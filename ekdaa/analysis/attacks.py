@@ -162,6 +162,15 @@ def _vanishing_note(run: RunDir, fraction: float, whitebox: bool) -> str | None:
     return f"{cause}: the substitute cannot craft examples for them; pick a differentiable substitute"
 
 
+def _targets(targets: Sequence[str | Path], eps: Sequence[float], eps_unit: float, device: str) -> list[RunDir]:
+    """The target runs, once the request is checked."""
+    if not targets:
+        raise ValueError("give at least one target run directory")
+    if any(e < 0 for e in eps) or not eps_unit > 0:
+        raise ValueError("eps must be >= 0 and eps_unit > 0")
+    return [RunDir(path, device) for path in targets]
+
+
 def robustness(targets: Sequence[str | Path], attack: str = "fgsm", eps: Sequence[float] = (0, 2, 4, 8),
                eps_unit: float = 255.0, substitute: str | Path | None = None, samples: int = 1000,
                steps: int = 10, data_dir: str | None = None, device: str = "auto", seed: int = 0) -> dict[str, Any]:
@@ -171,11 +180,7 @@ def robustness(targets: Sequence[str | Path], attack: str = "fgsm", eps: Sequenc
     one row, role "substitute", also when it is among the targets."""
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
-    if not targets:
-        raise ValueError("give at least one target run directory")
-    if any(e < 0 for e in eps) or not eps_unit > 0:
-        raise ValueError("eps must be >= 0 and eps_unit > 0")
-    runs = [RunDir(path, device) for path in targets]
+    runs = _targets(targets, eps, eps_unit, device)
     sub = RunDir(substitute, device) if substitute is not None else None
     for run in runs + ([sub] if sub else []):
         if run.cfg.dataset != runs[0].cfg.dataset:
@@ -261,11 +266,7 @@ def robustness_summary(targets: Sequence[str | Path], attacks: Sequence[str] = (
     unknown = [a for a in attacks if a not in ATTACKS + SCORE_ATTACKS]
     if unknown or not attacks:
         raise ValueError(f"unknown attacks {unknown}: choose from {', '.join(ATTACKS + SCORE_ATTACKS)}")
-    if not targets:
-        raise ValueError("give at least one target run directory")
-    if any(e < 0 for e in eps) or not eps_unit > 0:
-        raise ValueError("eps must be >= 0 and eps_unit > 0")
-    runs = [RunDir(path, device) for path in targets]
+    runs = _targets(targets, eps, eps_unit, device)
     subs = [RunDir(path, device) for path in substitutes]
     shared = {r.key for r in runs} & {s.key for s in subs}
     if shared:
