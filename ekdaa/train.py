@@ -158,21 +158,11 @@ class Run:
         self.out = Path(cfg.out) if cfg.out else None
         saved = None
         if resume:
-            if self.out is None or not (self.out / "checkpoint.pt").exists():
-                raise TrainError(f"--resume: no checkpoint.pt in {self.out}: start the run without --resume")
-            saved = load_checkpoint(self.out / "checkpoint.pt")  # on the CPU: RNG states must stay there
-            self.cfg = cfg = resumed_config(TrainConfig.from_dict(saved["config"]), cfg)
-            written_on = "cuda" if "cuda" in saved["rng"] else "cpu"
-            if written_on != self.device.type:
-                raise TrainError(f"{self.out}/checkpoint.pt was written on {written_on} and holds that device's "
-                                 f"random state: resume it on {written_on} (--device {written_on}), or start a "
-                                 "new run")
-            world = train_state(saved).world
-            if saved["step"] and world != self.dist.world:
-                raise TrainError(
-                    f"{self.out}/checkpoint.pt was written mid-epoch by {world} process(es), and this run has "
-                    f"{self.dist.world}: resume it with {world} (torchrun --nproc-per-node {world}, or no "
-                    f"torchrun for 1) to the end of epoch {saved['epoch'] + 1}, then with any number")
+            cfg, saved = self._resume_point(cfg)
+            self.cfg = cfg
+        elif self.out is not None and (self.out / "checkpoint.pt").exists():  # every rank looks
+            raise TrainError(f"{self.out} already holds a run: continue it with --resume or choose "
+                             "another --out")
         self.data = prepare_data(cfg, self.device)
         self.model, self.opt, self.sched = build(cfg, self.data, self.device)
         self.net = self.model  # what the step calls: DistributedDataParallel across ranks
@@ -189,9 +179,6 @@ class Run:
         self.history: list[dict[str, Any]] = []  # one record per epoch done
         if saved is not None:
             self._restore(saved)
-        elif self.out is not None and (self.out / "checkpoint.pt").exists():  # every rank looks
-            raise TrainError(f"{self.out} already holds a run: continue it with --resume or choose "
-                             "another --out")
         if self.out is not None and self.dist.is_main:  # a resumed run's config.json gets its new epochs
             self.out.mkdir(parents=True, exist_ok=True)
             write_atomic(self.out / "config.json", json.dumps(
@@ -200,6 +187,25 @@ class Run:
         if cfg.track_alignment:
             from .analysis import Tracker
             self.tracker = Tracker(self)
+
+    def _resume_point(self, asked: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+        """The run's own config (with the changes ``asked`` may make) and its checkpoint, or a
+        one-line refusal."""
+        if self.out is None or not (self.out / "checkpoint.pt").exists():
+            raise TrainError(f"--resume: no checkpoint.pt in {self.out}: start the run without --resume")
+        saved = load_checkpoint(self.out / "checkpoint.pt")  # on the CPU: RNG states must stay there
+        cfg = resumed_config(TrainConfig.from_dict(saved["config"]), asked)
+        written_on = "cuda" if "cuda" in saved["rng"] else "cpu"
+        if written_on != self.device.type:
+            raise TrainError(f"{self.out}/checkpoint.pt was written on {written_on} and holds that device's "
+                             f"random state: resume it on {written_on} (--device {written_on}), or start a new run")
+        world = train_state(saved).world
+        if saved["step"] and world != self.dist.world:
+            raise TrainError(
+                f"{self.out}/checkpoint.pt was written mid-epoch by {world} process(es), and this run has "
+                f"{self.dist.world}: resume it with {world} (torchrun --nproc-per-node {world}, or no "
+                f"torchrun for 1) to the end of epoch {saved['epoch'] + 1}, then with any number")
+        return cfg, saved
 
     def _restore(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
