@@ -327,8 +327,8 @@ def plot_suite(rows: Sequence[SuiteRow], title: str, path: Path) -> Path:
 
 
 def plot_summary(summary: dict[str, Any], path: Path) -> Path:
-    """Accuracy against eps, one panel per dataset and attack, one line per rule and substitute,
-    error bars the standard deviation over seeds."""
+    """Accuracy against eps (eps 0: the clean accuracy), one panel per dataset and attack, one line
+    per rule and substitute, error bars the standard deviation over seeds."""
     panels = sorted({(r["dataset"], r["attack"]) for r in summary["rows"]})
     fig = _figure("robustness")
     fig.set_size_inches(4.2 * len(panels) + 2.5, 4.2)
@@ -340,14 +340,18 @@ def plot_summary(summary: dict[str, Any], path: Path) -> Path:
             rows = sorted((r for r in summary["rows"] if (r["dataset"], r["attack"], r["rule"], r["substitute"])
                            == (dataset, attack, rule, sub)), key=lambda r: r["eps"])
             if rows:
-                ax.errorbar([r["eps"] for r in rows], [100 * r["accuracy_mean"] for r in rows],
-                            yerr=[100 * r["accuracy_std"] for r in rows], marker="o", ms=3, capsize=2,
-                            color=cmap(k % 10), label=f"{rule}, substitute {sub}")
+                ax.errorbar([0] + [r["eps"] for r in rows],
+                            [100 * rows[0]["clean_accuracy_mean"]] + [100 * r["accuracy_mean"] for r in rows],
+                            yerr=[100 * rows[0]["clean_accuracy_std"]] + [100 * r["accuracy_std"] for r in rows],
+                            marker="o", ms=3, capsize=2, color=cmap(k % 10))
         ax.set(title=f"{dataset}, {attack}", xlabel=f"eps (x/{summary['eps_unit']:g} of the pixel range)",
                ylim=(0, 100))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy under attack (%)")
-    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=cmap(k % 10), marker="o", ms=3, label=f"{rule}, substitute {sub}")
+               for k, (rule, sub) in enumerate(lines)]
+    axes[-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return _save(fig, path)
 
