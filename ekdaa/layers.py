@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 
 class Sign(nn.Module):
-    """z = sign(h) (sign(0) = 0). Its derivative is zero almost everywhere, so only
-    rules that never evaluate f' (EKDAA) can train through it."""
+    """z = sign(h) (sign(0) = 0). Its derivative is zero almost everywhere, so only rules
+    that never evaluate f' (EKDAA) or replace it (``bp-ste``) can train through it."""
 
     def forward(self, h: Tensor) -> Tensor:
         return torch.sign(h)

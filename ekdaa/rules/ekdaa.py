@@ -18,7 +18,7 @@ through a smooth stand-in g of f, e = g(h) - g(h~), with g(u) = tanh(u / tau) fo
 (in general g(u) = m + r tanh((u - m) / (r tau)) for an f that clips to [m - r, m + r]).
 Only g is evaluated, never a derivative, and d = 0 gives e = 0 exactly. For small beta,
 e ~ beta g'(h) d: a straight-through-style pseudo-derivative g'(h), reached without
-evaluating one. The literal target f(h~) of a sign unit is 0 or +-2 whatever the size of d.
+evaluating one. The literal error map z - f(h~) of a sign unit is 0 or +-2 whatever the size of d.
 
 Implementation: a weight layer keeps its forward and sends its error map down
 through its *error kernel* E (``error_kernel``, a Parameter of W's shape whose
