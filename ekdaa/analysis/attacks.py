@@ -278,7 +278,7 @@ def robustness_summary(targets: Sequence[str | Path], attacks: Sequence[str] = (
         crafters = [s for s in subs if s.cfg.dataset == dataset]
         x, y, _ = group[0].test_images(samples, data_dir)
         pixels = x.float()
-        models = {r.key: PixelModel(r.plain(), r.normalizer) for r in group}
+        models = {r.key: PixelModel(r.plain(), r.normalizer) for r in group + crafters}
         clean = {r.key: accuracy(models[r.key], pixels, y) for r in group}
 
         def record(attack: str, e: float, run: RunDir, substitute: str, acc: float) -> None:
@@ -298,7 +298,7 @@ def robustness_summary(targets: Sequence[str | Path], attacks: Sequence[str] = (
                         adv = craft(attack, models[run.key], pixels, y, pixel_eps, steps, seed)
                         record(attack, e, run, "none (white-box)", accuracy(models[run.key], adv, y))
                 for sub in crafters if attack in ATTACKS else ():
-                    adv = craft(attack, PixelModel(sub.plain(), sub.normalizer), pixels, y, pixel_eps, steps, seed)
+                    adv = craft(attack, models[sub.key], pixels, y, pixel_eps, steps, seed)
                     for run in group:
                         record(attack, e, run, sub.name, accuracy(models[run.key], adv, y))
     rows: dict[tuple, dict[str, Any]] = {}
