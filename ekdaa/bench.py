@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import fused as fusion
+from .graphs import GraphedStep, set_capturable
 from .models import build_model
 from .rules import RULES, convert, param_groups
 
@@ -53,7 +54,7 @@ class _Setup:
     """One rule's converted model, optimizer and fixed batch, with its training step."""
 
     def __init__(self, rule: str, batch: int, device: torch.device, amp: str,
-                 channels_last: bool, compile: bool = False, fused: bool = True) -> None:
+                 channels_last: bool, compile: bool = False, fused: bool = True, graph: bool = False) -> None:
         torch.manual_seed(0)  # same data and same W for every rule
         x = torch.randn(batch, *INPUT_SHAPE)
         y = torch.randint(NUM_CLASSES, (batch,))
@@ -66,16 +67,27 @@ class _Setup:
         self.x, self.y = x.to(device=device, memory_format=fmt), y.to(device)
         self.opt = torch.optim.SGD(param_groups(self.model, lr=LR), lr=LR, momentum=0.9)
         self.device, self.dtype, self.fused = device, AMP_DTYPES[amp], fused
+        self.graphed = None  # the last warm-up step records the graph
+        if graph:
+            set_capturable(self.opt, True)
+            self.graphed = GraphedStep(self._train, self.opt, warmup=WARMUP_STEPS - 1)
 
-    def step(self) -> None:
-        """One training step; gradients are released at the end."""
+    def _train(self, x: Tensor, y: Tensor) -> tuple[Tensor]:
+        """One eager training step; gradients are released at the end (zeroed in place under a graph)."""
         fusion.ENABLED = self.fused  # the error map in one fused pass, or eager
-        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+        graphed = self.graphed is not None
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not graphed) if self.dtype
+                    else nullcontext())
         with autocast:
-            loss = F.cross_entropy(self.forward(self.x), self.y)
+            loss = F.cross_entropy(self.forward(x), y)
         loss.backward()
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not graphed)
+        return (loss.detach(),)
+
+    def step(self) -> None:
+        """One training step, replayed from its CUDA graph where there is one."""
+        (self.graphed or self._train)(self.x, self.y)
 
     def time_block(self, steps: int) -> float:
         """Mean milliseconds per step over ``steps`` consecutive steps."""
@@ -90,9 +102,11 @@ class _Setup:
         """Bytes one step needs, as defined in the module docstring."""
         if self.device.type == "cuda":
             _sync(self.device)
-            base = torch.cuda.memory_allocated(self.device)
+            # under a graph .grad stays allocated between steps; eager steps free it: count it alike
+            held = sum(p.grad.nbytes for p in self.model.parameters() if p.grad is not None) if self.graphed else 0
+            base = torch.cuda.memory_allocated(self.device) - held
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.step()
+            self._train(self.x, self.y)  # a graph's replay allocates nothing: measure the step it records
             _sync(self.device)
             return torch.cuda.max_memory_allocated(self.device) - base
         resident = {_storage(t)[0] for t in (*self.model.parameters(), *self.model.buffers(), self.x)}
@@ -105,7 +119,7 @@ class _Setup:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self.step()
+            self._train(self.x, self.y)
         return sum(saved.values())
 
 
@@ -121,10 +135,12 @@ def _sync(device: torch.device) -> None:
 
 def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: int,
         device: str | torch.device = "cpu", amp: str = "none",
-        channels_last: bool = True, compile: bool = False, unfused: bool = False) -> list[dict[str, Any]]:
+        channels_last: bool = True, compile: bool = False, unfused: bool = False,
+        cuda_graph: bool = False) -> list[dict[str, Any]]:
     """Benchmark ``rules`` (plus ``bp``, listed first) at each batch size; with
     ``compile``, each rule also runs ``torch.compile``'d, as row ``RULE+compile``; with
-    ``unfused``, each rule also runs with EKDAA's error map unfused (eager), as ``RULE+unfused``.
+    ``unfused``, each rule also runs with EKDAA's error map unfused (eager), as ``RULE+unfused``;
+    with ``cuda_graph`` (CUDA only), each rule's whole step also replays from a CUDA graph, as ``RULE+graph``.
 
     Returns one row per (batch, row): ``rule``, ``batch``, ``ms`` (median ms/step),
     ``images_per_s``, ``ratio_to_bp`` (ms, to eager bp) and ``mem_ratio_to_bp``.
@@ -137,12 +153,16 @@ def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: i
     if amp not in AMP_DTYPES:
         raise ValueError(f"unknown amp {amp!r}: choose one of {', '.join(AMP_DTYPES)}")
     device = torch.device(device)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError("--cuda-graph records CUDA graphs: use it with --device cuda")
     names = list(dict.fromkeys(["bp", *rules]))
-    variants = {name: (name, False, True) for name in names}
+    variants = {name: dict(rule=name) for name in names}
     if unfused:
-        variants.update({f"{name}+unfused": (name, False, False) for name in names if name != "bp"})
+        variants.update({f"{name}+unfused": dict(rule=name, fused=False) for name in names if name != "bp"})
     if compile:
-        variants.update({f"{name}+compile": (name, True, True) for name in names})
+        variants.update({f"{name}+compile": dict(rule=name, compile=True) for name in names})
+    if cuda_graph:
+        variants.update({f"{name}+graph": dict(rule=name, graph=True) for name in names})
     enabled = fusion.ENABLED  # each setup switches fusion for its own steps; restored at the end
     try:
         return _run(variants, batch_sizes, steps, repeats, device, amp, channels_last)
@@ -150,13 +170,13 @@ def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: i
         fusion.ENABLED = enabled
 
 
-def _run(variants: dict[str, tuple[str, bool, bool]], batch_sizes: Sequence[int], steps: int, repeats: int,
+def _run(variants: dict[str, dict[str, Any]], batch_sizes: Sequence[int], steps: int, repeats: int,
          device: torch.device, amp: str, channels_last: bool) -> list[dict[str, Any]]:
     names = list(variants)
     rows: list[dict[str, Any]] = []
     for batch in batch_sizes:
-        setups = {label: _Setup(rule, batch, device, amp, channels_last, compiled, fused)
-                  for label, (rule, compiled, fused) in variants.items()}
+        setups = {label: _Setup(batch=batch, device=device, amp=amp, channels_last=channels_last, **how)
+                  for label, how in variants.items()}
         for setup in setups.values():
             for _ in range(WARMUP_STEPS):
                 setup.step()
@@ -231,6 +251,9 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="also time each rule torch.compile'd (rows RULE+compile)")
     parser.add_argument("--unfused", action="store_true",
                         help="also time each rule with EKDAA's error map unfused, eager (rows RULE+unfused)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time each rule's whole step replayed from a CUDA graph (rows RULE+graph; "
+                        "--device cuda)")
     parser.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--table", metavar="JSON", help="print the Markdown table of a saved --json result "
@@ -282,10 +305,11 @@ def execute(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = run(args.rules, args.batch_sizes, args.steps, args.repeats, device, args.amp,
-               args.channels_last, args.compile, args.unfused)
+               args.channels_last, args.compile, args.unfused, args.cuda_graph)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile, "unfused": args.unfused,
+            "cuda_graph": args.cuda_graph,
             "memory": MEMORY[device.type], "rows": rows}
     if args.json:
         print(json.dumps(info, indent=2))

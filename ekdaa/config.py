@@ -19,7 +19,7 @@ SCHEDULES = ("none", "cosine", "step")
 AMP = ("none", "bf16")
 #: TrainConfig fields that say where and how fast a run computes, not what: a resumed run may
 #: change them (and ``epochs``, to extend it); any other change is refused.
-MACHINE_FIELDS = ("out", "device", "data_dir", "download", "eval_batch_size", "compile")
+MACHINE_FIELDS = ("out", "device", "data_dir", "download", "eval_batch_size", "compile", "cuda_graph")
 
 
 class TrainError(Exception):
@@ -77,6 +77,8 @@ class _RunFields:
     channels_last: bool = _option(False, "channels_last memory format", MACHINE)
     compile: bool = _option(False, "torch.compile the model for training steps (needs a C++ compiler on CPU); "
                             "evaluation stays eager", MACHINE)
+    cuda_graph: bool = _option(False, "CUDA only: replay each full training batch's whole step (forward, loss, "
+                               "backward, optimizer) from one CUDA graph; a partial batch runs eagerly", MACHINE)
     eval_batch_size: int = _option(1000, "batch size for evaluation", MACHINE, minimum=1)
     track_alignment: bool = _option(False, "log per-layer angles (feedback vs W, update vs backprop) and Sign "
                                     "layers' flips to metrics.jsonl each epoch", MACHINE)

@@ -61,6 +61,8 @@ class Fused:
         try:
             return self._compiled(x, *rest)
         except Exception as err:  # no compiler, unsupported device: say so once, then stay eager
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise  # a failure inside a CUDA graph's recording is the recording's, not the compiler's
             self._broken = True
             reason = " ".join(str(err).split())[:160] or type(err).__name__
             print(f"ekdaa: {self.name} runs unfused (torch.compile is unavailable here: {reason})", file=sys.stderr)

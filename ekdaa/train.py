@@ -31,6 +31,7 @@ from .checkpoint import TrainState, load_checkpoint, load_model, save_checkpoint
 from .config import (AMP, MACHINE_FIELDS, OPTIMIZERS, SCHEDULES, Diverged, TrainConfig, TrainError,
                      resolve_device, resumed_config)
 from .data import Normalizer, augment, batches, load_dataset, split_validation
+from .graphs import GraphedStep, set_capturable
 from .models import build_model
 from .rules import convert, param_groups
 
@@ -116,8 +117,8 @@ def _inputs(normalizer: Normalizer, xb: Tensor, channels_last: bool) -> Tensor:
     return inp.contiguous(memory_format=torch.channels_last) if channels_last else inp
 
 
-def _autocast(device: torch.device, amp: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+def _autocast(device: torch.device, amp: str, cache: bool = True):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16", cache_enabled=cache)
 
 
 def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, Tensor]:
@@ -155,6 +156,10 @@ class Run:
             torch.cuda.set_device(self.device)
         if not self.dist.is_main:
             self.log = lambda line: None
+        if cfg.cuda_graph and (self.device.type != "cuda" or self.dist.world > 1 or cfg.compile):
+            raise TrainError(f"--cuda-graph needs one CUDA device, no torchrun and no --compile (this run: "
+                             f"{self.device.type}, {self.dist.world} process(es), compile {cfg.compile}): "
+                             "drop --cuda-graph or train on one GPU")
         self.out = Path(cfg.out) if cfg.out else None
         saved = None
         if resume:
@@ -179,6 +184,8 @@ class Run:
         self.history: list[dict[str, Any]] = []  # one record per epoch done
         if saved is not None:
             self._restore(saved)
+        set_capturable(self.opt, cfg.cuda_graph)  # after the restore: a checkpoint's groups may say otherwise
+        self.graphed = GraphedStep(self._train_step, self.opt) if cfg.cuda_graph else None
         if self.out is not None and self.dist.is_main:  # a resumed run's config.json gets its new epochs
             self.out.mkdir(parents=True, exist_ok=True)
             write_atomic(self.out / "config.json", json.dumps(
@@ -279,16 +286,23 @@ class Run:
         inp = _inputs(self.data.normalizer, xb, cfg.channels_last)
         if cfg.augment:
             inp = augment(inp, self.aug_gen, flip=cfg.dataset == "cifar10")
-        with _autocast(self.device, cfg.amp):
-            logits = self.net(inp)
-            loss = F.cross_entropy(logits.float(), yb)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.state.running[0] += loss.detach().double() * len(yb)  # in place: no host tensor per step
-        self.state.running[1] += (logits.argmax(1) == yb).sum()
+        loss, correct = (self.graphed or self._train_step)(inp, yb)
+        self.state.running[0] += loss.double() * len(yb)  # in place: no host tensor per step
+        self.state.running[1] += correct
         self.state.running[2] += len(yb)
         self.state.step += 1
+
+    def _train_step(self, inp: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward, loss, the rule's backward and the optimizer step on one batch; its mean loss
+        and number of correct predictions."""
+        graphed = self.graphed is not None  # a graph keeps .grad and never caches autocast's casts
+        with _autocast(self.device, self.cfg.amp, cache=not graphed):
+            logits = self.net(inp)
+            loss = F.cross_entropy(logits.float(), yb)
+        self.opt.zero_grad(set_to_none=not graphed)
+        loss.backward()
+        self.opt.step()
+        return loss.detach(), (logits.argmax(1) == yb).sum()
 
     def fit(self) -> dict[str, Any]:
         """Train to ``cfg.epochs``. The first Ctrl-C stops at the next step boundary after

@@ -19,6 +19,8 @@ def test_bench_times_every_rule_against_bp():
     assert by_rule["ekdaa"]["mem_ratio_to_bp"] > 1.3  # the error map also keeps h
     with pytest.raises(ValueError, match="unknown rules"):
         bench.run(["backprop"], [2], steps=1, repeats=1)
+    with pytest.raises(ValueError, match="--cuda-graph records CUDA graphs: use it with --device cuda"):
+        bench.run(["ekdaa"], [2], steps=1, repeats=1, cuda_graph=True)
 
 
 def test_ekdaa_bench_takes_the_benchmark_flags(capsys, tmp_path):

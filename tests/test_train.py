@@ -251,6 +251,7 @@ def test_cli_bad_values_list_valid_ones(argv, message, capsys):
     (["train", "--rule", "bp", "--beta", "0.5"], "beta is an option of rule ekdaa, not of 'bp'"),
     (["train", "--activation", "sign", "--tau", "0"], "tau must be > 0, got 0.0"),
     (["train", "--rule", "kolen-pollack", "--weight-decay", "-1"], "weight_decay must be >= 0"),
+    (["train", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs one CUDA device"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 1

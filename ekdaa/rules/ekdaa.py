@@ -141,13 +141,14 @@ class _ErrorMapFn(torch.autograd.Function):
                 h, owns_h = [h[0].float()], True
                 z = ctx.f(h[0])
         n = z.shape[0] if ctx.per_sample else 1  # grad = d / n under a batch-mean loss
-        step = z.new_tensor(ctx.beta * n)        # h~ = h - step * grad = h - beta * d
+        # h~ = h - step * grad = h - beta * d; scalars made on the device (a CUDA graph allows no host copy)
+        step = torch.full((), ctx.beta * n, dtype=z.dtype, device=z.device)
         per_sample = dict(dim=tuple(range(1, z.dim())), keepdim=True)
         if ctx.error_norm == "max":  # d / max(1, max|d|), per sample
             step = step / (grad.abs().amax(**per_sample) * n).clamp_min(1.0)
         elif ctx.error_norm == "relative":  # d * rms(h), per sample: beta on the pre-activation's scale
             step = step * h[0].square().mean(**per_sample).sqrt()
-        inv_n = z.new_tensor(1 / n)
+        inv_n = torch.full((), 1 / n, dtype=z.dtype, device=z.device)
         if ctx.from_output:
             return ctx.kernel(z, grad, step, inv_n), None, None, None, None, None, None
         error_map = ctx.kernel if owns_h else ctx.kernel.fn  # fused over h, or eager into a new tensor
