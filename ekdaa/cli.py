@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from .analysis import ATTACKS, PICTURES, SCORE_ATTACKS
 from .config import Diverged, TrainConfig, TrainError
 from .data import DATASETS, DataError
+from .models import RECOMMENDED
 from .rules import ConversionError
 
 try:
@@ -30,12 +31,14 @@ def _train_options(p: argparse.ArgumentParser) -> None:
             continue
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
         choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
-        flag, kind = f"--{f.name.replace('_', '-')}", type(f.default)
-        described = f"{meta['help']} (default {f.default})"
+        default = meta.get("default", f.default)  # a rule option's: the rule's default
+        flag, kind = f"--{f.name.replace('_', '-')}", type(default)
+        models = [f"{m}: {r[f.name]}" for m, r in RECOMMENDED.items() if f.name in r]
+        described = f"{meta['help']} (default {default}{''.join('; ' + m for m in models)})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=described)
         else:
-            group.add_argument(flag, type=str if f.default is None else kind, help=described,
+            group.add_argument(flag, type=str if default is None else kind, help=described,
                                choices=list(choices) if choices is not None else None)
 
 

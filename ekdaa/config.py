@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from .data import DATASETS, NORMALIZATIONS
-from .models import ACTIVATIONS, MODELS
+from .models import ACTIVATIONS, MODELS, RECOMMENDED
 from .rules import RULES, ConversionError, Option
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -85,6 +85,16 @@ class _RunFields:
     out: str | None = _option(None, "run directory for config, metrics, summary and checkpoint", MACHINE)
     extra: dict[str, Any] = _option(dict, "free-form notes kept with the run", MACHINE, cli=False)
 
+    def __post_init__(self) -> None:
+        """A rule option left unset (None) takes the model's recommendation (``RECOMMENDED``) where
+        the run's rule has that option, else the option's default."""
+        recommended = RECOMMENDED.get(self.model, {})
+        own = {o.name for o in RULES[self.rule].OPTIONS} if self.rule in RULES else set()
+        for f in dataclasses.fields(self):
+            if "rules" in f.metadata and getattr(self, f.name) is None:
+                pick = recommended.get(f.name) if f.name in own else None
+                setattr(self, f.name, f.metadata["default"] if pick is None else pick)
+
     def rule_options(self) -> dict[str, Any]:
         """The options of this run's rule, as ``ekdaa.convert`` takes them."""
         return {o.name: getattr(self, o.name) for o in RULES[self.rule].OPTIONS if o.train}
@@ -99,7 +109,7 @@ class _RunFields:
             if minimum is not None and not (value > minimum if f.metadata["strict"] else value >= minimum):
                 raise TrainError(f"{f.name} must be {'>' if f.metadata['strict'] else '>='} {minimum}, got {value}")
             rules = f.metadata.get("rules")
-            if rules and self.rule not in rules and value != f.default:
+            if rules and self.rule not in rules and value != f.metadata["default"]:
                 raise TrainError(f"{f.name} is an option of rule {', '.join(rules)}, not of {self.rule!r}: "
                                  "drop it or choose that rule")
         try:
@@ -149,19 +159,21 @@ def _rule_option_fields() -> list[tuple[str, type, Any]]:
             if first.default != option.default:
                 raise TypeError(f"rules {rules[0]} and {name} declare option {option.name} with different defaults")
             rules.append(name)
-    return [(o.name, type(o.default), field(default=o.default, metadata=dict(
+    return [(o.name, type(o.default), field(default=None, metadata=dict(
         help=o.help, group=f"{' / '.join(rules)} options (other rules take none of them)", choices=o.choices,
-        minimum=None, strict=False, cli=True, rules=tuple(rules))))
+        minimum=None, strict=False, cli=True, rules=tuple(rules), default=o.default)))
         for o, rules in options.values()]
 
 
 #: Everything that defines a run: the fields of ``_RunFields`` plus every registered rule's own
-#: options (declared once, in the rule's ``OPTIONS``), flat, e.g. ``TrainConfig(rule="ekdaa", beta=0.5)``.
+#: options (declared once, in the rule's ``OPTIONS``), flat, e.g. ``TrainConfig(rule="ekdaa", beta=0.5)``;
+#: an option left unset takes the model's recommendation or the rule's default.
 TrainConfig = dataclasses.make_dataclass("TrainConfig", _rule_option_fields(), bases=(_RunFields,))
 TrainConfig.__module__ = __name__
 TrainConfig.__doc__ = """Everything that defines a run (the defaults train the digits quickstart): general
 fields, and the options of every registered rule, declared in its ``OPTIONS`` (a rule's own options
-only apply when it is the run's rule)."""
+only apply when it is the run's rule; left unset, they take the model's recommendation, e.g. beta 0.1
+for the BatchNorm ResNets, or the rule's default)."""
 
 
 def resolve_device(name: str) -> torch.device:
