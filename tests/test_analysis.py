@@ -288,6 +288,8 @@ def test_square_attack_queries_only_outputs_and_stays_in_the_ball(runs):
     assert calls and not any(calls)  # outputs only: never a gradient
     assert (adv - pixels).abs().max() <= 48.0 + 1e-4 and adv.min() >= 0 and adv.max() <= 255
     assert accuracy(model, adv, y) < accuracy(model, pixels, y) - 0.1
+    chunked = square(model, pixels, y, 48.0, queries=40, generator=torch.Generator().manual_seed(0), batch_size=7)
+    torch.testing.assert_close(chunked, adv)  # the model's batch size changes nothing
 
 
 def test_summary_over_rules_seeds_and_substitutes(runs, tmp_path_factory, capsys):

@@ -93,16 +93,23 @@ _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 @torch.no_grad()
 def square(model: nn.Module, x: Tensor, y: Tensor, eps: float, queries: int = 300, p_init: float = 0.05,
-           generator: torch.Generator | None = None) -> Tensor:
+           generator: torch.Generator | None = None, batch_size: int = 128) -> Tensor:
     """Square Attack, L-inf (Andriushchenko et al., 2020): a score-based black-box attack that
     only queries the model's outputs. Start from vertical stripes of +-eps; at each query set a
     random square (area a fraction p of the image, p halving on the paper's schedule) to +-eps per
-    channel and keep the change where it lowers the margin; images already misclassified stop."""
+    channel and keep the change where it lowers the margin; images already misclassified stop.
+    The model sees ``batch_size`` images at a time (on CPU, larger activations are fresh memory
+    at every query: a third of the time went to page faults at 1,000 images)."""
+
+    def scores(images: Tensor, labels: Tensor) -> Tensor:
+        return torch.cat([margin(model(images[i:i + batch_size].clamp(*PIXEL_RANGE)), labels[i:i + batch_size])
+                          for i in range(0, len(images), batch_size)])
+
     n, c, h, w = x.shape
     rand = dict(generator=generator, device=x.device)
     stripes = torch.randint(0, 2, (n, c, 1, w), **rand).to(x.dtype).mul_(2).sub_(1)
     delta = (eps * stripes).expand(n, c, h, w).clone()
-    best = margin(model((x + delta).clamp(*PIXEL_RANGE)), y)
+    best = scores(x + delta, y)
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     for i in range(queries):
         active = (best > 0).nonzero().squeeze(1)
@@ -116,7 +123,7 @@ def square(model: nn.Module, x: Tensor, y: Tensor, eps: float, queries: int = 30
                   & ((cols[None] >= left[:, None]) & (cols[None] < left[:, None] + side))[:, None, :])
         signs = torch.randint(0, 2, (len(active), c, 1, 1), **rand).to(x.dtype).mul_(2).sub_(1)
         candidate = torch.where(inside[:, None], eps * signs, delta[active])
-        score = margin(model((x[active] + candidate).clamp(*PIXEL_RANGE)), y[active])
+        score = scores(x[active] + candidate, y[active])
         better = score < best[active]
         delta[active[better]] = candidate[better]
         best[active[better]] = score[better]
