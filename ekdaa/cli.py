@@ -275,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainError, DataError, ConversionError, ValueError) as err:
         print(f"ekdaa: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the output's reader stopped early (| head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("ekdaa: interrupted (a single-process run with --out saved its checkpoint at the last step: "
               "continue it with --resume)", file=sys.stderr)

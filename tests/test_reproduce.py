@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -197,3 +199,9 @@ def test_shipped_suites_plan_and_keep_their_records(name):
     # A new config field or a changed suite must not orphan committed records (they would be rerun).
     recorded = {p.parent.name for p in (root / "results" / name).glob("*/*/summary.json")}
     assert recorded <= {r.name for r in runs}
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_no_traceback():
+    done = subprocess.run(f"{sys.executable} -m ekdaa reproduce --suite cpu --dry-run --no-download | head -1",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() and "Traceback" not in done.stderr, done.stderr
