@@ -267,9 +267,27 @@ def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> P
         if diverged.exists():
             lines += ["### Diverged runs", ""] + [f"- {run}: {why}" for run, why in
                                                   json.loads(diverged.read_text()).items()] + [""]
+    lines += _robustness(results)
     out = Path(out)
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _robustness(results: Path) -> list[str]:
+    """The robustness summaries (``ekdaa attack --summary --out results/robustness[/NAME]``), each
+    with its plot, under their hand-written ``results/robustness/NOTES.md``."""
+    folder = results / "robustness"
+    summaries = sorted(folder.glob("**/summary.md"))
+    if not summaries:
+        return []
+    lines = ["## Robustness", ""]
+    if (folder / "NOTES.md").exists():
+        lines += [(folder / "NOTES.md").read_text().strip(), ""]
+    for md in summaries:
+        where = md.parent.relative_to(results)
+        lines += [f"### `{where.as_posix()}`", "", f"![accuracy under attack]({(md.parent / 'summary.png').as_posix()})", "",
+                  md.read_text().replace("\n### ", "\n#### ").strip(), ""]
+    return lines
 
 
 def _best_by_validation(rows: dict[tuple, list[dict[str, Any]]]) -> list[str]:

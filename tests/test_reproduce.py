@@ -188,6 +188,15 @@ def test_report_chooses_each_rules_row_on_validation_not_test(tmp_path):
     assert "- bp (tanh): `bp-lr0.01`, validation 90.00 % (best of 2 rows)" in text
     assert "- ekdaa (tanh): `ekdaa-beta2`, validation 75.00 % (best of 2 rows)" in text
     assert "- fa (tanh)" not in text
+    assert "## Robustness" not in text  # no summaries yet
+    square = results / "robustness" / "square"
+    square.mkdir(parents=True)
+    (results / "robustness" / "NOTES.md").write_text("The claim holds nowhere.\n")
+    (square / "summary.md").write_text("First 10 test images.\n\n### digits, square\n\n| rule |\n")
+    text = rp.report(results, tmp_path / "RESULTS.md").read_text()
+    assert ("## Robustness\n\nThe claim holds nowhere.\n\n### `robustness/square`\n\n"
+            f"![accuracy under attack]({square.as_posix()}/summary.png)\n\nFirst 10 test images.\n\n"
+            "#### digits, square") in text
 
 
 @pytest.mark.parametrize("name", ["cpu", "paper", "sweep-cpu", "sign-cpu", "resnet-cpu"])
