@@ -18,6 +18,9 @@ What "memory" means:
   between rules; gradients, optimizer state and backward temporaries are left out.
 * CUDA: ``torch.cuda.max_memory_allocated`` during one step minus the memory
   allocated before it (activations, gradients and temporaries).
+
+``RULE+graph`` rows report the memory of the eager step their graph records (a replay
+allocates nothing; the graph's pool holds that step's tensors for good).
 """
 from __future__ import annotations
 

@@ -87,13 +87,24 @@ class _RunFields:
 
     def __post_init__(self) -> None:
         """A rule option left unset (None) takes the model's recommendation (``RECOMMENDED``) where
-        the run's rule has that option, else the option's default."""
-        recommended = RECOMMENDED.get(self.model, {})
+        the run's rule has that option, else the option's default. The value is fixed here: a
+        ``dataclasses.replace`` or a saved ``config.json`` carries it as set."""
+        recommended = self._recommended()
         own = {o.name for o in RULES[self.rule].OPTIONS} if self.rule in RULES else set()
         for f in dataclasses.fields(self):
             if "rules" in f.metadata and getattr(self, f.name) is None:
                 pick = recommended.get(f.name) if f.name in own else None
                 setattr(self, f.name, f.metadata["default"] if pick is None else pick)
+
+    def _recommended(self) -> dict[str, Any]:
+        """The rule options this run's model recommends, as their options' types."""
+        options = {f.name: f.metadata["default"] for f in dataclasses.fields(self) if "rules" in f.metadata}
+        recommended = RECOMMENDED.get(self.model, {})
+        unknown = sorted(set(recommended) - set(options))
+        if unknown:
+            raise TrainError(f"model {self.model!r} recommends {unknown}, which no registered rule has as an "
+                             f"option: fix its @register_model (options: {', '.join(sorted(options))})")
+        return {k: float(v) if type(options[k]) is float else v for k, v in recommended.items()}
 
     def rule_options(self) -> dict[str, Any]:
         """The options of this run's rule, as ``ekdaa.convert`` takes them."""
@@ -109,7 +120,9 @@ class _RunFields:
             if minimum is not None and not (value > minimum if f.metadata["strict"] else value >= minimum):
                 raise TrainError(f"{f.name} must be {'>' if f.metadata['strict'] else '>='} {minimum}, got {value}")
             rules = f.metadata.get("rules")
-            if rules and self.rule not in rules and value != f.metadata["default"]:
+            # another rule's option may hold its default or the model's choice (unused), nothing else
+            if rules and self.rule not in rules and value not in (f.metadata["default"],
+                                                                  self._recommended().get(f.name)):
                 raise TrainError(f"{f.name} is an option of rule {', '.join(rules)}, not of {self.rule!r}: "
                                  "drop it or choose that rule")
         try:
@@ -159,7 +172,7 @@ def _rule_option_fields() -> list[tuple[str, type, Any]]:
             if first.default != option.default:
                 raise TypeError(f"rules {rules[0]} and {name} declare option {option.name} with different defaults")
             rules.append(name)
-    return [(o.name, type(o.default), field(default=None, metadata=dict(
+    return [(o.name, type(o.default) | None, field(default=None, metadata=dict(
         help=o.help, group=f"{' / '.join(rules)} options (other rules take none of them)", choices=o.choices,
         minimum=None, strict=False, cli=True, rules=tuple(rules), default=o.default)))
         for o, rules in options.values()]

@@ -1,7 +1,7 @@
 """A whole training step captured as one CUDA graph and replayed.
 
-At batch 50 a training step on a large GPU is bound by kernel launches (about 2.3 ms eager for
-the paper's CIFAR network on one H100), not by arithmetic: the launches of forward, loss, every
+At batch 50 a training step on a large GPU is bound by kernel launches (issue 13's measurement:
+about 2.3 ms eager for the paper's CIFAR network on one H100, 0.5-0.65 ms captured), not by arithmetic: the launches of forward, loss, every
 rule's backward and the optimizer step can be recorded once as a CUDA graph and replayed with
 one launch. :class:`GraphedStep` does that for any step function that trains on a batch held in
 static buffers:
@@ -13,8 +13,10 @@ static buffers:
    (recording runs nothing) and replays it, which is that call's step;
 3. later calls of that shape copy the batch in and replay; a batch of another shape (the last,
    partial one of an epoch) runs eagerly, and a change of any param group's hyperparameter (a
-   scheduler's learning rate) records the step again, since a graph keeps the values it was
-   recorded with.
+   scheduler's learning rate) means one more eager warm-up step and a new recording, since a
+   graph keeps the values it was recorded with.
+
+The tensors a replay returns are the graph's own: the next replay overwrites them.
 
 The step must zero the gradients in place (``zero_grad(set_to_none=False)``), so that ``.grad``
 is the same tensor in the graph and in eager steps; Adam/AdamW need ``capturable=True``
@@ -56,7 +58,10 @@ class GraphedStep:
                 out = tuple(self.step(*batch))
             torch.cuda.current_stream().wait_stream(side)
             return out
-        if self.graph is None or self.settings != self._settings():
+        if self.graph is not None and self.settings != self._settings():
+            self.graph, self.outputs, self.warmed = None, (), self.warmup - 1  # warm up once more, record anew
+            return self(*batch)
+        if self.graph is None:
             self._record(batch)
         for static, value in zip(self.inputs, batch):
             static.copy_(value)
@@ -69,9 +74,8 @@ class GraphedStep:
                 for group in self.optimizer.param_groups]
 
     def _record(self, batch: Sequence[Tensor]) -> None:
-        if self.graph is None:
+        if not self.inputs:
             self.inputs = tuple(b.clone(memory_format=torch.preserve_format) for b in batch)
-        self.graph = None  # the old graph's memory goes back before the new one is recorded
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.outputs = tuple(self.step(*self.inputs))

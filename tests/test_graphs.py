@@ -71,8 +71,10 @@ def test_graphed_step_warms_up_records_replays_and_falls_back(fake_cuda):
     assert len(fake_cuda) == 1 and fake_cuda[0].replays == 1 and calls[-2:] == [("recording", 4), ("run", 4)]
     call(full + 2), call(part)          # replayed; the partial batch eager
     assert fake_cuda[0].replays == 2 and calls[-1] == ("run", 3)
-    opt.param_groups[0]["lr"] = 0.05    # a scheduler's step: recorded again
+    opt.param_groups[0]["lr"] = 0.05    # a scheduler's step: one more eager step, then a new recording
     call(full + 3)
+    assert len(fake_cuda) == 1 and calls[-1] == ("run", 4) and graphed.graph is None
+    call(full + 4)
     assert len(fake_cuda) == 2 and fake_cuda[1].replays == 1 and graphed.graph is fake_cuda[1]
 
 

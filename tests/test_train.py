@@ -1,6 +1,7 @@
 """Training loop, checkpoints and the ekdaa command, on the bundled digits data."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -316,12 +317,23 @@ def test_models_recommend_rule_options_that_runs_leave_unset(capsys):
     assert TrainConfig(model="resnet20", beta=0.9).beta == 0.9  # a choice made is kept
     assert TrainConfig().beta == 0.9 and TrainConfig(model="small-cnn").beta == 0.9  # the rule's default
     TrainConfig(model="resnet20", rule="bp").validate()  # not bp's option: the rule's default, no complaint
+    dataclasses.replace(TrainConfig(model="resnet20"), rule="bp").validate()  # the model's choice, unused: fine
+    with pytest.raises(TrainError, match="beta is an option of rule ekdaa"):
+        TrainConfig(model="resnet20", rule="bp", beta=0.5).validate()
     assert TrainConfig.from_dict({"model": "resnet20", "tau": 2}).beta == 0.1
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "(default 0.9; resnet20: 0.1; resnet56: 0.1)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_a_recommendation_of_no_rule_option_is_an_error(monkeypatch):
+    from ekdaa.models import RECOMMENDED
+    monkeypatch.setitem(RECOMMENDED, "mlp", {"betta": 0.1})
+    with pytest.raises(TrainError, match=r"model 'mlp' recommends \['betta'\], which no registered rule has"):
+        TrainConfig(model="mlp")
+
+
+@pytest.mark.slow
 def test_resnet20_ekdaa_on_digits_with_the_defaults(tmp_path):
     """Issue 14's target, `ekdaa train --dataset digits --model resnet20 --rule ekdaa --epochs 5`:
     >= 85 % (beta 0.9 there gave 71.6 %)."""
