@@ -203,11 +203,14 @@ def test_report_chooses_each_rules_row_on_validation_not_test(tmp_path):
 def test_shipped_suites_plan_and_keep_their_records(name):
     from pathlib import Path
     root = Path(__file__).parent.parent
-    runs = rp.plan(rp.load_suite(name))
+    suite = rp.load_suite(name)
+    runs = rp.plan(suite)
     assert runs and len({r.key for r in runs}) == len(runs)
-    # A new config field or a changed suite must not orphan committed records (they would be rerun).
-    recorded = {p.parent.name for p in (root / "results" / name).glob("*/*/summary.json")}
-    assert recorded <= {r.name for r in runs}
+    # A new config field or a changed suite must not orphan committed records (they would be rerun),
+    # those of extra seeds (reproduce --seeds) included.
+    records = list((root / "results" / name).glob("*/*/summary.json"))
+    seeds = {json.loads(p.read_text())["seed"] for p in records} | set(suite["suite"]["seeds"])
+    assert {p.parent.name for p in records} <= {r.name for r in rp.plan(suite, seeds=sorted(seeds))}
 
 
 def test_output_piped_into_a_reader_that_stops_early_is_no_traceback():
