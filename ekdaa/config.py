@@ -112,6 +112,7 @@ class _RunFields:
 
     def validate(self) -> None:
         """Every field's allowed values, and the rule's options (another rule's, changed: refused)."""
+        recommended = self._recommended()
         for f in dataclasses.fields(self):
             value, choices, minimum = getattr(self, f.name), f.metadata.get("choices"), f.metadata.get("minimum")
             choices = choices() if callable(choices) else choices
@@ -121,8 +122,7 @@ class _RunFields:
                 raise TrainError(f"{f.name} must be {'>' if f.metadata['strict'] else '>='} {minimum}, got {value}")
             rules = f.metadata.get("rules")
             # another rule's option may hold its default or the model's choice (unused), nothing else
-            if rules and self.rule not in rules and value not in (f.metadata["default"],
-                                                                  self._recommended().get(f.name)):
+            if rules and self.rule not in rules and value not in (f.metadata["default"], recommended.get(f.name)):
                 raise TrainError(f"{f.name} is an option of rule {', '.join(rules)}, not of {self.rule!r}: "
                                  "drop it or choose that rule")
         try:

@@ -50,6 +50,8 @@ class GraphedStep:
             if self.graph is not None:
                 return tuple(self.step(*batch))
             self.shape, self.warmed = shape, 0
+        if self.graph is not None and self.settings != self._settings():
+            self.graph, self.outputs, self.warmed = None, (), self.warmup - 1  # warm up once more, record anew
         if self.warmed < self.warmup:
             self.warmed += 1
             side = torch.cuda.Stream()
@@ -58,9 +60,6 @@ class GraphedStep:
                 out = tuple(self.step(*batch))
             torch.cuda.current_stream().wait_stream(side)
             return out
-        if self.graph is not None and self.settings != self._settings():
-            self.graph, self.outputs, self.warmed = None, (), self.warmup - 1  # warm up once more, record anew
-            return self(*batch)
         if self.graph is None:
             self._record(batch)
         for static, value in zip(self.inputs, batch):

@@ -23,14 +23,19 @@ class FakeGraph:
             out.copy_(fresh)
 
 
+class Recorded(list):
+    waits = 0
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """torch.cuda's stream and graph API on the CPU; returns the list of graphs recorded."""
-    graphs = []
+    """torch.cuda's stream and graph API on the CPU; returns the list of graphs recorded (and, as
+    its attribute ``waits``, how often one stream waited for another)."""
+    graphs = Recorded()
 
     class Stream:
         def wait_stream(self, other):
-            pass
+            graphs.waits += 1
 
     @contextlib.contextmanager
     def graph(g):
@@ -67,6 +72,7 @@ def test_graphed_step_warms_up_records_replays_and_falls_back(fake_cuda):
     call(part)                          # a partial first batch: warm-up starts with its shape ...
     call(full), call(full)              # ... and starts again with the full one
     assert not fake_cuda and calls == [("run", 3), ("run", 4), ("run", 4)]
+    assert fake_cuda.waits == 6  # each warm-up step: the side stream waits for the current one, and back
     call(full + 1)                      # recorded and replayed
     assert len(fake_cuda) == 1 and fake_cuda[0].replays == 1 and calls[-2:] == [("recording", 4), ("run", 4)]
     call(full + 2), call(part)          # replayed; the partial batch eager
