@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -306,6 +307,7 @@ def test_summary_over_rules_seeds_and_substitutes(runs, tmp_path_factory, capsys
                          for e in (16, 64) for rule in ("bp", "ekdaa")}
     row = rows[("fgsm", 16, "ekdaa", "bp")]
     assert row["seeds"] == [0, 1] and row["dataset"] == "digits"
+    assert summary["substitutes"] == [dict(dataset="digits", run="bp")]
     alone = [robustness([t], "fgsm", [16], substitute=runs["bp"], samples=60, device="cpu")["rows"][0]["accuracy"][0]
              for t in targets[2:]]
     assert row["accuracy"] == pytest.approx(alone)  # each seed's own number, then their mean and std
@@ -319,6 +321,14 @@ def test_summary_over_rules_seeds_and_substitutes(runs, tmp_path_factory, capsys
     assert main(["attack", targets[0], "--summary", "--substitute", targets[0], "--samples", "10",
                  "--device", "cpu", "--out", str(out)]) == 1
     assert "is also a target: use substitutes independent of every target" in capsys.readouterr().err
+    elsewhere = tmp / "cifar-substitute"  # a substitute of a dataset no target has would craft nothing
+    shutil.copytree(runs["bp"], elsewhere)
+    config = json.loads((elsewhere / "config.json").read_text())
+    config["config"]["dataset"] = "cifar10"
+    (elsewhere / "config.json").write_text(json.dumps(config))
+    assert main(["attack", targets[0], "--summary", "--substitute", runs["bp"], "--substitute", str(elsewhere),
+                 "--samples", "10", "--device", "cpu", "--out", str(out)]) == 1
+    assert "cifar-substitute was trained on cifar10, which no target was" in capsys.readouterr().err
     assert main(["attack", targets[0], "--attack", "fgsm,pgd", "--device", "cpu"]) == 1
     assert "need --summary" in capsys.readouterr().err
 

@@ -3,6 +3,7 @@ plus the properties the rules must have."""
 from __future__ import annotations
 
 import copy
+import warnings
 import os
 import shutil
 
@@ -314,6 +315,8 @@ def test_grads_through_batchnorm_and_residual_blocks_match_reference(rule, norm_
     randomise(net)
     x, y = batch()
     options = {} if norm_backward == "autograd" else dict(norm_backward=norm_backward)
+    if rule == "ekdaa":
+        options["beta"] = 0.1  # what BatchNorm networks take (ekdaa.models.RECOMMENDED)
     model = ekdaa.convert(copy.deepcopy(net), rule, example_input=x, **options)
     got = grads_of(model, x, y)
     transmit = {}
@@ -327,8 +330,7 @@ def test_grads_through_batchnorm_and_residual_blocks_match_reference(rule, norm_
                 transmit[name] = getattr(m, {"ekdaa": "error_kernel", "fa": "feedback",
                                              "kolen-pollack": "feedback"}.get(rule, "weight")).detach()
     direct = {name: m.feedback for name, m in model.named_modules() if isinstance(m, DirectFeedback)}
-    want = reference_grads(as_reference(net), rule, x, y, transmit=transmit, direct=direct,
-                           norm_backward=norm_backward)
+    want = reference_grads(as_reference(net), rule, x, y, transmit=transmit, direct=direct, **options)
     assert {n for n in got if not n.endswith(("error_kernel", "feedback"))} == set(want)
     plain = copy.deepcopy(net)  # the norms keep their names and track the same running statistics
     plain(x)                    # (DFA's conversion traces the model: in eval mode, so they stay put)
@@ -345,7 +347,7 @@ def test_a_residual_network_with_batchnorm_trains_under_every_rule(rule):
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float32)
     x, y = torch.randn(32, 2, 8, 8), torch.randint(0, 5, (32,))
-    model = ekdaa.convert(residual_net(), rule, example_input=x)
+    model = ekdaa.convert(residual_net(), rule, example_input=x, **({"beta": 0.1} if rule == "ekdaa" else {}))
     losses = sgd_steps(model, x, y, lr=0.05, steps=60)
     assert sum(losses[-3:]) / 3 < 0.9 * losses[0], rule  # random labels of 32 images, 60 steps
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -634,3 +636,16 @@ def test_convert_refuses_what_it_cannot_train():
                       "dfa", example_input=torch.randn(2, 3))
     # bp trains anything autograd can, BatchNorm included
     ekdaa.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)), "bp")
+
+
+def test_ekdaa_warns_when_a_batchnorm_network_takes_the_default_beta():
+    def bn_net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh())
+
+    with pytest.warns(UserWarning, match=r"BatchNorm.*default beta 0\.9.*pass beta explicitly"):
+        ekdaa.convert(bn_net(), "ekdaa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ekdaa.convert(bn_net(), "ekdaa", beta=0.9)  # chosen: no warning
+        ekdaa.convert(make_net(), "ekdaa")  # no BatchNorm: the default suits it
+        ekdaa.convert(bn_net(), "fa")  # no beta to choose

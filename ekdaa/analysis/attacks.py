@@ -279,6 +279,10 @@ def robustness_summary(targets: Sequence[str | Path], attacks: Sequence[str] = (
     if shared:
         raise ValueError(f"substitute {Path(next(iter(shared))).name} is also a target: use substitutes "
                          "independent of every target (e.g. another seed or architecture)")
+    idle = [s for s in subs if s.cfg.dataset not in {r.cfg.dataset for r in runs}]
+    if idle:
+        raise ValueError(f"substitute {idle[0].name} was trained on {idle[0].cfg.dataset}, which no target was: "
+                         "give a substitute of each target's dataset, or a target of its dataset")
     records: list[dict[str, Any]] = []
     for dataset in sorted({r.cfg.dataset for r in runs}):
         group = [r for r in runs if r.cfg.dataset == dataset]
@@ -323,7 +327,7 @@ def robustness_summary(targets: Sequence[str | Path], attacks: Sequence[str] = (
             row[f"{field}_mean"] = statistics.mean(values)
             row[f"{field}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return dict(eps_unit=eps_unit, samples=samples, steps=steps, queries=queries, seed=seed,
-                substitutes=[s.name for s in subs], rows=list(rows.values()))
+                substitutes=[dict(dataset=s.cfg.dataset, run=s.name) for s in subs], rows=list(rows.values()))
 
 
 def differences(summary: dict[str, Any], rule: str = "ekdaa", baseline: str = "bp") -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ errors and the result does not depend on batch size.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..fused import Fused
-from ..layers import Sign, activation_function, glorot_like
+from ..layers import NORMS, Sign, activation_function, glorot_like
 from .base import NORM_BACKWARD, ConversionError, Option, Rule
 
 
@@ -239,9 +240,16 @@ class EKDAA(Rule):
 
     def __init__(self, **options: Any):
         super().__init__(**options)
+        self._beta_given = "beta" in options
         if self.error_map_from == "output" and (self.target_function != "activation" or self.error_norm == "relative"):
             raise ConversionError("error_map_from 'output' forms the literal target from z alone: it takes neither "
                                   "target_function 'smooth' nor error_norm 'relative' (both need h)")
+
+    def prepare(self, model: nn.Module, example_input: Tensor | None) -> None:
+        if not self._beta_given and any(type(m) in NORMS for m in model.modules()):
+            warnings.warn("ekdaa: this network has BatchNorm, through which d grows toward the input; the "
+                          f"default beta {self.beta:g} suits networks without it (ResNet-20 trained with beta "
+                          "0.1, which ekdaa.models.RECOMMENDED holds): pass beta explicitly", stacklevel=4)
 
     def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
         if self.error_map_from == "output" and type(module) not in FROM_OUTPUT:
