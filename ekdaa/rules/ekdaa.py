@@ -248,8 +248,9 @@ class EKDAA(Rule):
     def prepare(self, model: nn.Module, example_input: Tensor | None) -> None:
         if not self._beta_given and any(type(m) in NORMS for m in model.modules()):
             warnings.warn("ekdaa: this network has BatchNorm, through which d grows toward the input; the "
-                          f"default beta {self.beta:g} suits networks without it (ResNet-20 trained with beta "
-                          "0.1, which ekdaa.models.RECOMMENDED holds): pass beta explicitly", stacklevel=4)
+                          f"default beta {self.beta:g} suits networks without it (ResNet-20 on digits: beta 0.1 "
+                          "under Adam, beta 0.9 with error_norm 'max' under SGD): pass beta explicitly",
+                          stacklevel=4)
 
     def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
         if self.error_map_from == "output" and type(module) not in FROM_OUTPUT:
