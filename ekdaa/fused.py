@@ -43,10 +43,13 @@ def _writer(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 class Fused:
     """``fn(x, *rest)``, fused and written over ``x`` (``overwrite``, else into a new tensor),
-    or eager (a new tensor)."""
+    or eager (a new tensor). ``fused_fn``, if given, is the same function as the compiler should
+    see it (e.g. a transcendental in a form that vectorises better); eager calls run ``fn``."""
 
-    def __init__(self, fn: Callable[..., Tensor], name: str, overwrite: bool = True):
+    def __init__(self, fn: Callable[..., Tensor], name: str, overwrite: bool = True,
+                 fused_fn: Callable[..., Tensor] | None = None):
         self.fn, self.name, self.overwrite = fn, name, overwrite
+        self.fused_fn = fused_fn or fn
         self._compiled: Callable[..., Tensor] | None = None
         self._broken = False
 
@@ -57,7 +60,8 @@ class Fused:
         if not ENABLED or self._broken or x.numel() < MIN_NUMEL or torch.compiler.is_compiling():
             return self.fn(x, *rest)
         if self._compiled is None:  # shape-generic: one compile serves every layer and batch size
-            self._compiled = torch.compile(_writer(self.fn) if self.overwrite else _own_code(self.fn), dynamic=True)
+            fn = self.fused_fn
+            self._compiled = torch.compile(_writer(fn) if self.overwrite else _own_code(fn), dynamic=True)
         try:
             return self._compiled(x, *rest)
         except Exception as err:  # no compiler, unsupported device: say so once, then stay eager

@@ -265,6 +265,15 @@ def test_fused_error_map_matches_reference_and_leaves_inputs_alone(monkeypatch):
     assert torch.equal(data.detach(), before)
 
 
+def test_tanh_by_exp_is_tanh_to_rounding_over_the_whole_line():
+    from ekdaa.rules.ekdaa import tanh_by_exp
+    for dtype, tol in ((torch.float32, 2e-7), (torch.float64, 1e-15)):
+        u = torch.cat([torch.linspace(-30, 30, 20001, dtype=dtype), torch.tensor([0.0, 1e-30, -1e-30, 1e3, -1e3,
+                                                                                 float("inf"), float("-inf")], dtype=dtype)])
+        assert (tanh_by_exp(u) - torch.tanh(u)).abs().max() <= tol, dtype
+    assert tanh_by_exp(torch.tensor(float("nan"))).isnan()
+
+
 def test_straight_through_bp_on_a_sign_network_matches_reference():
     net = make_net(act=ekdaa.Sign)
     randomise(net)
