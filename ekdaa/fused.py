@@ -49,7 +49,7 @@ class Fused:
     def __init__(self, fn: Callable[..., Tensor], name: str, overwrite: bool = True,
                  fused_fn: Callable[..., Tensor] | None = None):
         self.fn, self.name, self.overwrite = fn, name, overwrite
-        self.fused_fn = fused_fn or fn
+        self.fused_fn = fn if fused_fn is None else fused_fn
         self._compiled: Callable[..., Tensor] | None = None
         self._broken = False
 

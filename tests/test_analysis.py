@@ -328,7 +328,7 @@ def test_summary_over_rules_seeds_and_substitutes(runs, tmp_path_factory, capsys
     (elsewhere / "config.json").write_text(json.dumps(config))
     assert main(["attack", targets[0], "--summary", "--substitute", runs["bp"], "--substitute", str(elsewhere),
                  "--samples", "10", "--device", "cpu", "--out", str(out)]) == 1
-    assert "cifar-substitute was trained on cifar10, which no target was" in capsys.readouterr().err
+    assert "cifar-substitute was trained on cifar10, which no target was: drop it" in capsys.readouterr().err
     assert main(["attack", targets[0], "--attack", "fgsm,pgd", "--device", "cpu"]) == 1
     assert "need --summary" in capsys.readouterr().err
 

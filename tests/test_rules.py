@@ -3,9 +3,9 @@ plus the properties the rules must have."""
 from __future__ import annotations
 
 import copy
-import warnings
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ekdaa
-from ekdaa.rules import ConversionError
+from ekdaa.rules import ConversionError, make_rule
 from ekdaa.rules.dfa import DirectFeedback
 from reference import Residual, reference_grads
 
@@ -231,14 +231,15 @@ def test_smooth_target_is_zero_without_error_and_tends_to_a_pseudo_derivative():
 def test_fused_error_map_matches_reference_and_leaves_inputs_alone(monkeypatch):
     import ekdaa.fused
     monkeypatch.setattr(ekdaa.fused, "MIN_NUMEL", 0)  # fuse even these tiny tensors
-    for act, options in ((nn.Tanh, dict(error_norm="max")), (ekdaa.Sign, dict(target_function="smooth", tau=0.5))):
+    for act, options in ((nn.Tanh, dict(error_norm="max")), (ekdaa.Sign, dict(target_function="smooth", tau=0.5)),
+                         (nn.Tanh, dict(error_map_from="output"))):
         torch.manual_seed(4)
         net = make_net("max", 1, act=act)
         randomise(net)
         x, y = batch(seed=5)
         model = ekdaa.convert(copy.deepcopy(net), "ekdaa", **options)
         got = grads_of(model, x, y)
-        ref = {k: v for k, v in options.items() if k != "target_function"}
+        ref = {k: v for k, v in options.items() if k not in ("target_function", "error_map_from")}
         want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_tensors(model, "ekdaa"),
                                target_function=options.get("target_function", "activation"), **ref)
         for name, g in want.items():
@@ -265,13 +266,17 @@ def test_fused_error_map_matches_reference_and_leaves_inputs_alone(monkeypatch):
     assert torch.equal(data.detach(), before)
 
 
-def test_tanh_by_exp_is_tanh_to_rounding_over_the_whole_line():
+def test_tanh_by_exp_is_tanh_to_rounding_of_one_over_the_whole_line():
     from ekdaa.rules.ekdaa import tanh_by_exp
-    for dtype, tol in ((torch.float32, 2e-7), (torch.float64, 1e-15)):
-        u = torch.cat([torch.linspace(-30, 30, 20001, dtype=dtype), torch.tensor([0.0, 1e-30, -1e-30, 1e3, -1e3,
-                                                                                 float("inf"), float("-inf")], dtype=dtype)])
-        assert (tanh_by_exp(u) - torch.tanh(u)).abs().max() <= tol, dtype
-    assert tanh_by_exp(torch.tensor(float("nan"))).isnan()
+    forms = [tanh_by_exp]
+    if shutil.which(os.environ.get("CXX", "g++")) is not None:
+        forms.append(torch.compile(tanh_by_exp))  # as the fused error map runs it
+    for form in forms:
+        for dtype, tol in ((torch.float32, 2e-7), (torch.float64, 1e-15)):
+            u = torch.cat([torch.linspace(-30, 30, 20001, dtype=dtype),
+                           torch.tensor([0.0, 1e-30, -1e-30, 1e3, -1e3, float("inf"), float("-inf")], dtype=dtype)])
+            assert (form(u) - torch.tanh(u)).abs().max() <= tol, (form, dtype)
+        assert form(torch.tensor([float("nan")])).isnan().all()
 
 
 def test_straight_through_bp_on_a_sign_network_matches_reference():
@@ -325,7 +330,7 @@ def test_grads_through_batchnorm_and_residual_blocks_match_reference(rule, norm_
     x, y = batch()
     options = {} if norm_backward == "autograd" else dict(norm_backward=norm_backward)
     if rule == "ekdaa":
-        options["beta"] = 0.1  # what BatchNorm networks take (ekdaa.models.RECOMMENDED)
+        options["beta"] = 0.9  # chosen: no warning about BatchNorm
     model = ekdaa.convert(copy.deepcopy(net), rule, example_input=x, **options)
     got = grads_of(model, x, y)
     transmit = {}
@@ -356,7 +361,7 @@ def test_a_residual_network_with_batchnorm_trains_under_every_rule(rule):
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float32)
     x, y = torch.randn(32, 2, 8, 8), torch.randint(0, 5, (32,))
-    model = ekdaa.convert(residual_net(), rule, example_input=x, **({"beta": 0.1} if rule == "ekdaa" else {}))
+    model = ekdaa.convert(residual_net(), rule, example_input=x, **({"beta": 0.9} if rule == "ekdaa" else {}))
     losses = sgd_steps(model, x, y, lr=0.05, steps=60)
     assert sum(losses[-3:]) / 3 < 0.9 * losses[0], rule  # random labels of 32 images, 60 steps
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -651,10 +656,13 @@ def test_ekdaa_warns_when_a_batchnorm_network_takes_the_default_beta():
     def bn_net() -> nn.Module:
         return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh())
 
-    with pytest.warns(UserWarning, match=r"BatchNorm.*default beta 0\.9.*pass beta explicitly"):
-        ekdaa.convert(bn_net(), "ekdaa")
+    for convert in (lambda net: ekdaa.convert(net, "ekdaa"), lambda net: make_rule("ekdaa").convert(net)):
+        with pytest.warns(UserWarning, match=r"BatchNorm.*default beta 0\.9.*pass beta or error_norm") as record:
+            convert(bn_net())
+        assert record[0].filename == __file__  # points at the user's line, not into the package
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ekdaa.convert(bn_net(), "ekdaa", beta=0.9)  # chosen: no warning
+        ekdaa.convert(bn_net(), "ekdaa", error_norm="max")
         ekdaa.convert(make_net(), "ekdaa")  # no BatchNorm: the default suits it
         ekdaa.convert(bn_net(), "fa")  # no beta to choose

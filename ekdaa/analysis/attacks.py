@@ -269,7 +269,8 @@ def robustness_summary(targets: Sequence[str | Path], attacks: Sequence[str] = (
 
     FGSM and PGD transfer from each substitute of the target's dataset (white-box on each target
     when no substitute is given); Square Attack queries each target itself (``queries`` per image).
-    Substitutes must be independent of every target (none of them a target)."""
+    Substitutes must be independent of every target (none of them a target), and each must share
+    its dataset with some target."""
     unknown = [a for a in attacks if a not in ATTACKS + SCORE_ATTACKS]
     if unknown or not attacks:
         raise ValueError(f"unknown attacks {unknown}: choose from {', '.join(ATTACKS + SCORE_ATTACKS)}")
@@ -279,12 +280,13 @@ def robustness_summary(targets: Sequence[str | Path], attacks: Sequence[str] = (
     if shared:
         raise ValueError(f"substitute {Path(next(iter(shared))).name} is also a target: use substitutes "
                          "independent of every target (e.g. another seed or architecture)")
-    idle = [s for s in subs if s.cfg.dataset not in {r.cfg.dataset for r in runs}]
+    datasets = sorted({r.cfg.dataset for r in runs})
+    idle = [s for s in subs if s.cfg.dataset not in datasets]
     if idle:
         raise ValueError(f"substitute {idle[0].name} was trained on {idle[0].cfg.dataset}, which no target was: "
-                         "give a substitute of each target's dataset, or a target of its dataset")
+                         f"drop it, or add a target trained on {idle[0].cfg.dataset}")
     records: list[dict[str, Any]] = []
-    for dataset in sorted({r.cfg.dataset for r in runs}):
+    for dataset in datasets:
         group = [r for r in runs if r.cfg.dataset == dataset]
         crafters = [s for s in subs if s.cfg.dataset == dataset]
         x, y, _ = group[0].test_images(samples, data_dir)

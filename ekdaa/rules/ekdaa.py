@@ -37,6 +37,7 @@ errors and the result does not depend on batch size.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -50,8 +51,9 @@ from .base import NORM_BACKWARD, ConversionError, Option, Rule
 
 
 def tanh_by_exp(u: Tensor) -> Tensor:
-    """tanh(u) = 1 - 2 / (1 + exp(2u)), equal to tanh to float rounding (absolute error). Compiled
-    into a fused pass on CPU it costs well under half of tanh (exp vectorises better)."""
+    """tanh(u) = 1 - 2 / (1 + exp(2u)): equal to tanh within float rounding of 1 (absolute error;
+    near 0 its relative error is large), which is all a difference of two tanh values needs.
+    Compiled into a fused pass on CPU it costs well under half of tanh (exp vectorises better)."""
     return 1 - 2 / (1 + torch.exp(2 * u))
 
 
@@ -82,12 +84,11 @@ def _smooth(h: Tensor, z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor,
     return (g(h) - g(h - step * d)) * inv_n
 
 
-def _tanh_from_output(z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor,
-                      tanh: Callable[[Tensor], Tensor] = torch.tanh) -> Tensor:
+def _tanh_from_output(z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor) -> Tensor:
     """The literal tanh error map from z alone: with t = tanh(step d), tanh(h - step d) =
     (z - t) / (1 - z t), so e = t (1 - z^2) / (1 - z t) / n. Where z has rounded to +-1 the
     pre-activation is lost: e is 0 there (0 where 0/0)."""
-    t = tanh(step * d)
+    t = torch.tanh(step * d)
     den = 1 - z * t
     return torch.where(den > 0, t * (1 - z * z) / den, 0.0) * inv_n
 
@@ -108,10 +109,9 @@ _KERNELS: dict[tuple, Fused] = {}
 
 def _error_map_fn(activation: nn.Module, tau: float | None, from_output: bool,
                   tanh: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
-    """The pure elementwise error map of ``activation``, with ``tanh`` wherever it evaluates one."""
+    """The pure elementwise error map of ``activation``, with ``tanh`` where it takes the difference
+    of two tanh values (the from-output form scales e by tanh(beta d) itself: it keeps torch.tanh)."""
     if from_output:
-        if isinstance(activation, nn.Tanh):
-            return lambda z, d, step, inv_n: _tanh_from_output(z, d, step, inv_n, tanh)
         return FROM_OUTPUT[type(activation)]
     if tau is not None:
         g = smooth_stand_in(activation, tau, tanh)
@@ -123,7 +123,7 @@ def _error_map_fn(activation: nn.Module, tau: float | None, from_output: bool,
 def error_map_kernel(activation: nn.Module, tau: float | None, from_output: bool) -> Fused:
     """The error map of ``activation`` (through its smooth stand-in if ``tau`` is given; from
     its output alone if ``from_output``) as one fused pass, shared by every layer with the same
-    activation; fused, tanh is evaluated as :func:`tanh_by_exp`."""
+    activation; fused, a difference of two tanh values evaluates them as :func:`tanh_by_exp`."""
     key = (type(activation), activation.extra_repr(), tau, from_output)
     if key not in _KERNELS:
         # from_output: z is the layer's output, which its user may hold: into a new tensor
@@ -214,6 +214,15 @@ class BilinearRoutedPool(nn.Module):
         return _BilinearRouteFn.apply(x, self.pool) if torch.is_grad_enabled() else self.pool(x)
 
 
+def _outside_package() -> int:
+    """The ``stacklevel`` of the innermost caller outside this package, for a warning raised by
+    the function that calls this one."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "ekdaa":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class EKDAA(Rule):
     """Error-kernel driven activation alignment; its options are ``OPTIONS`` (README: "EKDAA options")."""
 
@@ -255,17 +264,17 @@ class EKDAA(Rule):
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        self._beta_given = "beta" in options
+        self._scale_given = "beta" in options or "error_norm" in options
         if self.error_map_from == "output" and (self.target_function != "activation" or self.error_norm == "relative"):
             raise ConversionError("error_map_from 'output' forms the literal target from z alone: it takes neither "
                                   "target_function 'smooth' nor error_norm 'relative' (both need h)")
 
     def prepare(self, model: nn.Module, example_input: Tensor | None) -> None:
-        if not self._beta_given and any(type(m) in NORMS for m in model.modules()):
+        if not self._scale_given and any(type(m) in NORMS for m in model.modules()):
             warnings.warn("ekdaa: this network has BatchNorm, through which d grows toward the input; the "
                           f"default beta {self.beta:g} suits networks without it (ResNet-20 on digits: beta 0.1 "
-                          "under Adam, beta 0.9 with error_norm 'max' under SGD): pass beta explicitly",
-                          stacklevel=4)
+                          "under Adam, beta 0.9 with error_norm 'max' under SGD): pass beta or error_norm "
+                          "explicitly (the defaults included)", stacklevel=_outside_package())
 
     def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
         if self.error_map_from == "output" and type(module) not in FROM_OUTPUT:
