@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
-                                 device=args.device, split=args.split)
+                                 device=args.device, split=args.split, recompute_bn=args.recompute_bn)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval-{result['dataset']}-{args.split}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['dataset']} {args.split}: accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
@@ -147,6 +147,16 @@ def _eps_list(text: str) -> list[float]:
     return values
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return value
+
+
 def _analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder with one sub-folder per dataset (default: the run's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -194,6 +204,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("test", "train", "val"), default="test", help="split (default test)")
     e.add_argument("--data-dir", help="folder with one sub-folder per dataset (default: the run's)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    e.add_argument("--recompute-bn", type=_count, default=0, metavar="N",
+                   help="first recompute every BatchNorm's statistics from N training images (unaugmented) under "
+                        "the final weights, as 'precise BN' does; the checkpoint is not changed (default 0: off)")
     e.add_argument("--out", help="JSON file to write (default: eval-DATASET-SPLIT.json beside the checkpoint)")
     e.set_defaults(func=cmd_eval)
 

@@ -112,6 +112,27 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, normalizer: Normalizer, bat
     return loss / max(n, 1), correct / max(n, 1)
 
 
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, x: Tensor, normalizer: Normalizer, batch_size: int,
+                        channels_last: bool = False) -> int:
+    """Replace every BatchNorm's running statistics by their average over the batches of uint8
+    images ``x`` (in order, unaugmented) under the model's current weights ("precise BN"): running
+    averages gathered while the weights moved can lag them. Returns the number of norms reset."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches that follow
+    model.train()
+    for xb, _ in batches(x, torch.zeros(len(x), dtype=torch.long, device=x.device), batch_size, shuffle=False,
+                         generator=None):
+        model(_inputs(normalizer, xb, channels_last))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return len(norms)
+
+
 def _inputs(normalizer: Normalizer, xb: Tensor, channels_last: bool) -> Tensor:
     inp = normalizer(xb)
     return inp.contiguous(memory_format=torch.channels_last) if channels_last else inp
@@ -395,8 +416,10 @@ def train(cfg: TrainConfig, resume: bool = False, **kwargs: Any) -> dict[str, An
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
-                        device: str = "auto", split: str = "test") -> dict[str, Any]:
-    """Loss and accuracy of a checkpoint on a split of its (or another) dataset."""
+                        device: str = "auto", split: str = "test", recompute_bn: int = 0) -> dict[str, Any]:
+    """Loss and accuracy of a checkpoint on a split of its (or another) dataset; with
+    ``recompute_bn`` > 0, after :func:`recompute_batchnorm` over the first ``recompute_bn``
+    training images (the checkpoint file is left as it is)."""
     trained = load_model(checkpoint, device)
     dev = next(trained.model.parameters()).device
     cfg = dataclasses.replace(trained.config, dataset=dataset or trained.config.dataset,
@@ -408,6 +431,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     pair = dict(train=data.train, val=data.val, test=data.test)[split]
     if pair is None:
         raise TrainError("split 'val' is empty: the run used val_split=0; use --split test")
+    if recompute_bn and not recompute_batchnorm(trained.model, data.train[0][:recompute_bn], trained.normalizer,
+                                                cfg.batch_size, cfg.channels_last):
+        raise TrainError(f"--recompute-bn: the checkpoint's model ({cfg.model}) has no BatchNorm to recompute")
     loss, acc = evaluate(trained.model, *pair, trained.normalizer, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
     return dict(checkpoint=str(checkpoint), dataset=cfg.dataset, split=split, rule=cfg.rule,
-                model=cfg.model, accuracy=acc, loss=loss, images=len(pair[1]))
+                model=cfg.model, accuracy=acc, loss=loss, images=len(pair[1]),
+                recompute_bn_images=min(recompute_bn, len(data.train[1])))

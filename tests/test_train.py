@@ -339,3 +339,39 @@ def test_resnet20_ekdaa_on_digits_with_the_defaults(tmp_path):
     >= 85 % (beta 0.9 there gave 71.6 %)."""
     summary = train(TrainConfig(dataset="digits", model="resnet20", rule="ekdaa", epochs=5), log=lambda s: None)
     assert summary["rule_options"]["beta"] == 0.1 and summary["test_accuracy"] >= 0.85
+
+
+def test_eval_recomputes_batchnorm_statistics_under_the_final_weights(tmp_path, capsys):
+    from ekdaa.train import load_model, prepare_data, recompute_batchnorm
+    cfg = tiny(tmp_path, model="resnet20", epochs=1, train_subset=64, beta=0.9)
+    train(cfg, log=lambda s: None)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    kept = checkpoint.read_bytes()
+    trained = load_model(checkpoint, "cpu")
+    images = prepare_data(cfg, torch.device("cpu")).train[0][:48]
+    # independently: each norm's input per batch of 32 (then 16) in train mode, its channel mean and
+    # unbiased variance, averaged over the two batches
+    norms = [m for m in trained.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen: dict[torch.nn.Module, list] = {m: [] for m in norms}
+    hooks = [m.register_forward_pre_hook(lambda m, i: seen[m].append(i[0].detach())) for m in norms]
+    trained.model.train()
+    with torch.no_grad():
+        for xb in (images[:32], images[32:]):
+            trained.model(trained.normalizer(xb))
+    for h in hooks:
+        h.remove()
+    assert recompute_batchnorm(trained.model, images, trained.normalizer, batch_size=32) == len(norms) > 0
+    for m in norms:
+        mean = torch.stack([x.mean((0, 2, 3)) for x in seen[m]]).mean(0)
+        var = torch.stack([x.var((0, 2, 3)) for x in seen[m]]).mean(0)
+        torch.testing.assert_close(m.running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.running_var, var, rtol=1e-4, atol=1e-5)
+        assert m.momentum == 0.1  # restored for any later training
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(checkpoint), "--device", "cpu", "--recompute-bn", "48"]) == 0
+    result = json.loads((tmp_path / "run" / "eval-digits-test.json").read_text())
+    assert result["recompute_bn_images"] == 48 and checkpoint.read_bytes() == kept  # the checkpoint is untouched
+    plain = tiny(tmp_path, "plain", epochs=1, train_subset=64)
+    train(plain, log=lambda s: None)
+    assert main(["eval", "--checkpoint", str(tmp_path / "plain" / "checkpoint.pt"), "--recompute-bn", "10"]) == 1
+    assert "model (mlp) has no BatchNorm to recompute" in capsys.readouterr().err
