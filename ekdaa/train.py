@@ -32,6 +32,7 @@ from .config import (AMP, MACHINE_FIELDS, OPTIMIZERS, SCHEDULES, Diverged, Train
                      resolve_device, resumed_config)
 from .data import Normalizer, augment, batches, load_dataset, split_validation
 from .graphs import GraphedStep, set_capturable
+from .layers import NORMS
 from .models import build_model
 from .rules import convert, param_groups
 
@@ -118,15 +119,14 @@ def recompute_batchnorm(model: nn.Module, x: Tensor, normalizer: Normalizer, bat
     """Replace every BatchNorm's running statistics by their average over the batches of uint8
     images ``x`` (in order, unaugmented) under the model's current weights ("precise BN"): running
     averages gathered while the weights moved can lag them. Returns the number of norms reset."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules() if isinstance(m, NORMS)]
     was_training, momenta = model.training, [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches that follow
     model.train()
-    for xb, _ in batches(x, torch.zeros(len(x), dtype=torch.long, device=x.device), batch_size, shuffle=False,
-                         generator=None):
-        model(_inputs(normalizer, xb, channels_last))
+    for start in range(0, len(x), batch_size):
+        model(_inputs(normalizer, x[start:start + batch_size], channels_last))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.train(was_training)
