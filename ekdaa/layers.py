@@ -20,6 +20,7 @@ with one fused ``aten.convolution_backward`` call per needed gradient.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -202,6 +203,14 @@ FEEDBACK_CLASSES = {nn.Linear: FeedbackLinear, nn.Conv2d: FeedbackConv2d}
 def glorot_like(weight: Tensor) -> Tensor:
     """A fresh Glorot-uniform tensor of W's shape, drawn independently of W."""
     return nn.init.xavier_uniform_(torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
+def fresh_weight(layer: nn.Module) -> Tensor:
+    """A fresh draw of ``layer``'s weight by its class's own initialiser (``reset_parameters`` on a
+    copy), independent of the layer's current weight."""
+    twin = copy.deepcopy(layer)
+    twin.reset_parameters()
+    return twin.weight.detach().contiguous()
 
 
 def glorot_std(weight: Tensor) -> float:

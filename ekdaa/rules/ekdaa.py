@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..fused import Fused
-from ..layers import NORMS, Sign, activation_function, glorot_like
+from ..layers import NORMS, Sign, activation_function, fresh_weight, glorot_like
 from .base import NORM_BACKWARD, ConversionError, Option, Rule
 
 
@@ -234,7 +234,9 @@ class EKDAA(Rule):
         Option("beta", 0.9, "target step: h~ = h - beta*d", above=0),
         Option("gamma", 1.0, "error-kernel learning rate relative to W's (dE = gamma dW)", at_least=0),
         Option("error_kernel_init", "random", "random: Glorot, independent of W (no weight transport ever); "
-               "transpose: E starts as a copy of W (the authors' code)", choices=("random", "transpose")),
+               "layer-init: a fresh draw of the layer's own initialiser (nn.Conv2d/nn.Linear's default), "
+               "independent of W but on its initial scale; transpose: E starts as a copy of W (the authors' code)",
+               choices=("random", "layer-init", "transpose")),
         Option("pool_routing", "max", "through max-pools, max sends d to the winning unit; bilinear upsamples "
                "d to the pool's input (the authors' code)", choices=("max", "bilinear")),
         Option("error_norm", "none", "max: divide each sample's d by max|d| when > 1 (the authors' code, conv "
@@ -259,7 +261,12 @@ class EKDAA(Rule):
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         w = layer.weight.detach()
-        kernel = w.clone() if self.error_kernel_init == "transpose" else glorot_like(w)
+        if self.error_kernel_init == "transpose":
+            kernel = w.clone()
+        elif self.error_kernel_init == "layer-init":
+            kernel = fresh_weight(layer)
+        else:
+            kernel = glorot_like(w)
         self.attach_feedback(layer, kernel, learned=self.gamma > 0)
 
     def __init__(self, **options: Any):
