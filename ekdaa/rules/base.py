@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..layers import ACTIVATIONS, FEEDBACK_CLASSES, INVERSE_STD_NORMS, NORMS, PASSTHROUGH, Sign
+from ..layers import (ACTIVATIONS, FEEDBACK_CLASSES, INVERSE_STD_NORMS, NORMS, PASSTHROUGH, Sign, fresh_weight,
+                      glorot_like)
 
 
 class ConversionError(ValueError):
@@ -63,6 +64,19 @@ NORM_BACKWARD = Option(
     "norm_backward", "autograd", "through BatchNorm: autograd: its own backward (the error scaled per channel "
     "by gamma/sigma, with the batch-statistics terms: a small weight transport); inverse-std: divided by "
     "sigma only", choices=("autograd", "inverse-std"))
+
+#: The option of the rules with a random feedback tensor (fa, kolen-pollack; sign-symmetry's scale).
+FEEDBACK_INIT = Option(
+    "feedback_init", "glorot", "glorot: Glorot-uniform, independent of W; layer-init: a fresh draw of the layer's "
+    "own initialiser (nn.Conv2d/nn.Linear's default), independent of W but on its initial scale (through "
+    "BatchNorm, which divides by about W's scale, Glorot feedback amplifies the error at every layer)",
+    choices=("glorot", "layer-init"))
+
+
+def random_feedback(layer: nn.Module, init: str) -> Tensor:
+    """A feedback tensor of ``layer.weight``'s shape, independent of W: Glorot-uniform (``glorot``)
+    or drawn by the layer's own initialiser (``layer-init``)."""
+    return fresh_weight(layer) if init == "layer-init" else glorot_like(layer.weight.detach())
 
 
 class Rule:

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..fused import Fused
-from ..layers import NORMS, Sign, activation_function, fresh_weight, glorot_like
-from .base import NORM_BACKWARD, ConversionError, Option, Rule
+from ..layers import NORMS, Sign, activation_function
+from .base import NORM_BACKWARD, ConversionError, Option, Rule, random_feedback
 
 
 def tanh_by_exp(u: Tensor) -> Tensor:
@@ -261,12 +261,7 @@ class EKDAA(Rule):
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         w = layer.weight.detach()
-        if self.error_kernel_init == "transpose":
-            kernel = w.clone()
-        elif self.error_kernel_init == "layer-init":
-            kernel = fresh_weight(layer)
-        else:
-            kernel = glorot_like(w)
+        kernel = w.clone() if self.error_kernel_init == "transpose" else random_feedback(layer, self.error_kernel_init)
         self.attach_feedback(layer, kernel, learned=self.gamma > 0)
 
     def __init__(self, **options: Any):

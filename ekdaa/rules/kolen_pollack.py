@@ -6,7 +6,8 @@ as W_l, and the same weight decay:
     e_l = f'(h_l) * (B_{l+1}^T e_{l+1}),   dW_l = dB_l = e_l (x) z_{l-1}
 
 so W_l - B_l shrinks by the factor (1 - lr * weight_decay) every step and B_l
-converges to W_l without W ever being sent backwards. B_l (``feedback``) is a
+converges to W_l without W ever being sent backwards. B_l starts independent of W_l
+(Glorot-uniform, or by the layer's own initialiser with ``feedback_init='layer-init'``). B_l (``feedback``) is a
 Parameter whose ``.grad`` is dW_l; ``ekdaa.param_groups`` keeps it in W's group.
 Without weight decay B_l - W_l never changes: train it with some, on W and B alike,
 e.g. ``torch.optim.SGD(ekdaa.param_groups(model, lr=0.01, weight_decay=1e-3), lr=0.01)``
@@ -16,15 +17,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import glorot_like
-from .base import NORM_BACKWARD, Rule
+from .base import FEEDBACK_INIT, NORM_BACKWARD, Rule, random_feedback
 
 
 class KolenPollack(Rule):
     """Kolen-Pollack: feedback B learned with W's update and weight decay."""
 
     name = "kolen-pollack"
-    OPTIONS = (NORM_BACKWARD,)
+    OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
-        self.attach_feedback(layer, glorot_like(layer.weight.detach()), learned=True)
+        self.attach_feedback(layer, random_feedback(layer, self.feedback_init), learned=True)

@@ -1,7 +1,8 @@
 """Sign symmetry (Liao, Leibo & Poggio, 2016; Xiao et al., 2018).
 
-The error travels down through the sign of the forward weights, scaled by the
-Glorot standard deviation s_l of the layer (a constant fixed by its shape):
+The error travels down through the sign of the forward weights, scaled by a constant s_l
+fixed by the layer's shape: its Glorot standard deviation, or with ``feedback_init='layer-init'``
+the RMS of one draw of the layer's own initialiser (W's initial scale):
 
     B_l = s_l * sign(W_l),   e_l = f'(h_l) * (B_{l+1}^T e_{l+1}),   dW_l = e_l (x) z_{l-1}
 
@@ -12,19 +13,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..layers import glorot_std
-from .base import NORM_BACKWARD, Rule
+from ..layers import fresh_weight, glorot_std
+from .base import FEEDBACK_INIT, NORM_BACKWARD, Rule
 
 
 class SignSymmetry(Rule):
     """Sign symmetry: feedback s * sign(W), recomputed every step."""
 
     name = "sign-symmetry"
-    OPTIONS = (NORM_BACKWARD,)
+    OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, None, learned=None)
-        layer.feedback_scale = glorot_std(layer.weight)
+        layer.feedback_scale = (glorot_std(layer.weight) if self.feedback_init == "glorot"
+                                else fresh_weight(layer).square().mean().sqrt().item())
 
     def feedback(self, layer: nn.Module) -> Tensor:
         return torch.sign(layer.weight.detach()) * layer.feedback_scale
