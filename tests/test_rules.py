@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ekdaa
+from ekdaa.models import build_model
 from ekdaa.rules import ConversionError, make_rule
 from ekdaa.rules.dfa import DirectFeedback
 from reference import Residual, reference_grads
@@ -409,6 +410,54 @@ def test_fa_with_feedback_equal_to_w_is_bp():
         torch.testing.assert_close(got[name], want[name], rtol=1e-13, atol=1e-15)
 
 
+RANDOM_FEEDBACK = {"fa": "feedback_init", "kolen-pollack": "feedback_init", "sign-symmetry": "feedback_init",
+                   "ekdaa": "error_kernel_init"}
+
+
+def feedback_scale(layer: nn.Module, rule: str) -> float:
+    """The RMS of what ``layer`` sends the error down through."""
+    if rule == "sign-symmetry":
+        return layer.feedback_scale
+    return getattr(layer, "error_kernel" if rule == "ekdaa" else "feedback").detach().square().mean().sqrt().item()
+
+
+@pytest.mark.parametrize("rule", list(RANDOM_FEEDBACK))
+def test_layer_init_feedback_is_independent_of_w_on_its_initial_scale(rule):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 200))
+    rms = [m.weight.detach().square().mean().sqrt().item() for m in (net[0], net[3])]
+    glorot = ekdaa.convert(copy.deepcopy(net), rule, **({"beta": 0.9} if rule == "ekdaa" else {}))
+    drawn = ekdaa.convert(copy.deepcopy(net), rule, **{RANDOM_FEEDBACK[rule]: "layer-init"})
+    for i, w_rms in zip((0, 3), rms):
+        assert feedback_scale(drawn[i], rule) == pytest.approx(w_rms, rel=0.05)  # both one draw of W's init
+        assert feedback_scale(glorot[i], rule) > 1.5 * w_rms  # Glorot is sqrt(3) larger for these layers
+        if rule != "sign-symmetry":
+            b = getattr(drawn[i], "error_kernel" if rule == "ekdaa" else "feedback").detach().flatten()
+            w = drawn[i].weight.detach().flatten()
+            assert abs(torch.corrcoef(torch.stack([b, w]))[0, 1]) < 0.1  # a fresh draw, not W
+            assert torch.equal(drawn[i].weight, net[i].weight)  # and W itself untouched
+
+
+def test_layer_init_feedback_keeps_a_batchnorm_resnet_update_on_backprops_scale():
+    """Through BatchNorm, which divides by about W's scale, Glorot feedback sqrt(3) larger than W
+    multiplies the error at every layer: at initialisation, ResNet-20's first convolution gets
+    relative updates hundreds of times backprop's; drawn by the layer's initialiser, about backprop's."""
+    torch.manual_seed(0)
+    net = build_model("resnet20", (3, 8, 8), 10)
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+
+    def relative_update(rule: str, **options) -> float:
+        model = ekdaa.convert(copy.deepcopy(net), rule, **options)
+        F.cross_entropy(model(x), y).backward()
+        return (model[0].weight.grad.norm() / model[0].weight.norm()).item()
+
+    bp = relative_update("bp")
+    for rule, option in RANDOM_FEEDBACK.items():
+        beta = {"beta": 0.9} if rule == "ekdaa" else {}
+        assert relative_update(rule, **beta) > 50 * bp, rule
+        assert bp / 20 < relative_update(rule, **beta, **{option: "layer-init"}) < 20 * bp, rule
+
+
 def test_kolen_pollack_feedback_converges_to_w_under_weight_decay():
     torch.manual_seed(0)
     model = ekdaa.convert(make_net(), "kolen-pollack")
@@ -652,17 +701,25 @@ def test_convert_refuses_what_it_cannot_train():
     ekdaa.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)), "bp")
 
 
-def test_ekdaa_warns_when_a_batchnorm_network_takes_the_default_beta():
+def test_rules_warn_when_a_batchnorm_network_takes_defaults_chosen_without_it():
     def bn_net() -> nn.Module:
-        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh())
+        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(27, 4))
 
-    for convert in (lambda net: ekdaa.convert(net, "ekdaa"), lambda net: make_rule("ekdaa").convert(net)):
-        with pytest.warns(UserWarning, match=r"BatchNorm.*default beta 0\.9.*pass beta or error_norm") as record:
-            convert(bn_net())
-        assert record[0].filename == __file__  # points at the user's line, not into the package
+    cases = [("ekdaa", {}, "beta, error_kernel_init"), ("ekdaa", dict(beta=0.9), "error_kernel_init"),
+             ("ekdaa", dict(error_kernel_init="layer-init"), "beta")]
+    cases += [(rule, {}, "feedback_init") for rule in ("fa", "kolen-pollack", "sign-symmetry")]
+    for rule, options, unset in cases:
+        for convert in (lambda net: ekdaa.convert(net, rule, **options), lambda net: make_rule(rule, **options).convert(net)):
+            with pytest.warns(UserWarning, match=rf"{rule}: this network has BatchNorm.*defaults of {unset} were "
+                              rf"chosen without it.*Feedback scale.*pass {unset} explicitly") as record:
+                convert(bn_net())
+            assert len(record) == 1
+            assert record[0].filename == __file__  # points at the user's line, not into the package
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ekdaa.convert(bn_net(), "ekdaa", beta=0.9)  # chosen: no warning
-        ekdaa.convert(bn_net(), "ekdaa", error_norm="max")
-        ekdaa.convert(make_net(), "ekdaa")  # no BatchNorm: the default suits it
-        ekdaa.convert(bn_net(), "fa")  # no beta to choose
+        ekdaa.convert(bn_net(), "ekdaa", beta=0.9, error_kernel_init="random")  # chosen: no warning
+        ekdaa.convert(make_net(), "ekdaa")  # no BatchNorm: the defaults suit it
+        ekdaa.convert(make_net(), "fa")
+        ekdaa.convert(bn_net(), "fa", feedback_init="glorot")
+        ekdaa.convert(bn_net(), "dfa", example_input=torch.randn(2, 2, 5, 5))  # nothing to choose
+        ekdaa.convert(bn_net(), "bp")

@@ -15,6 +15,8 @@ them, and ``TrainConfig``, ``ekdaa train``'s flags and the suites take them from
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -72,11 +74,24 @@ FEEDBACK_INIT = Option(
     "BatchNorm, which divides by about W's scale, Glorot feedback amplifies the error at every layer)",
     choices=("glorot", "layer-init"))
 
+#: ``batchnorm_choices`` and ``batchnorm_advice`` of the rules that take ``FEEDBACK_INIT``
+FEEDBACK_ON_BATCHNORM = (("feedback_init",), "through every norm Glorot feedback amplifies the error (README: "
+                         "\"Feedback scale\"); 'layer-init' keeps it on W's initial scale")
+
 
 def random_feedback(layer: nn.Module, init: str) -> Tensor:
     """A feedback tensor of ``layer.weight``'s shape, independent of W: Glorot-uniform (``glorot``)
     or drawn by the layer's own initialiser (``layer-init``)."""
     return fresh_weight(layer) if init == "layer-init" else glorot_like(layer.weight.detach())
+
+
+def _outside_package() -> int:
+    """The ``stacklevel`` of the innermost caller outside this package, for a warning raised by
+    the function that calls this one."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "ekdaa":
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class Rule:
@@ -93,6 +108,10 @@ class Rule:
     feedback_lr_scale: float = 1.0
     #: the rule's options (keyword arguments of ``ekdaa.convert``), each set as an attribute
     OPTIONS: ClassVar[tuple[Option, ...]] = ()
+    #: options whose defaults were chosen on networks without BatchNorm: converting one with BatchNorm
+    #: while any of them is left unset warns, with ``batchnorm_advice``
+    batchnorm_choices: ClassVar[tuple[str, ...]] = ()
+    batchnorm_advice: ClassVar[str] = ""
 
     def __init__(self, **options: Any):
         known = {o.name: o for o in self.OPTIONS}
@@ -102,6 +121,7 @@ class Rule:
                                   f"{', '.join(known) or 'none'}")
         for name, option in known.items():
             setattr(self, name, option.check(options.get(name, option.default)))
+        self.given = frozenset(options)
 
     def options(self) -> dict[str, Any]:
         """The rule's options, as passed to ``ekdaa.convert``."""
@@ -145,6 +165,11 @@ class Rule:
             raise ConversionError(
                 f"model is already converted to rule {model.ekdaa_rule.name!r}; "
                 "convert a fresh copy of the original model instead")
+        unset = [name for name in self.batchnorm_choices if name not in self.given]
+        if unset and any(type(m) in NORMS for m in model.modules()):
+            warnings.warn(f"{self.name}: this network has BatchNorm, and the defaults of {', '.join(unset)} were "
+                          f"chosen without it: {self.batchnorm_advice}; pass {', '.join(unset)} explicitly (the "
+                          "defaults included) to silence this", stacklevel=_outside_package())
         self.prepare(model, example_input)
         model = self._convert(model, "")
         model.ekdaa_rule = self

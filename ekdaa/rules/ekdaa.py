@@ -37,8 +37,6 @@ errors and the result does not depend on batch size.
 """
 from __future__ import annotations
 
-import sys
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -46,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..fused import Fused
-from ..layers import NORMS, Sign, activation_function
+from ..layers import Sign, activation_function
 from .base import NORM_BACKWARD, ConversionError, Option, Rule, random_feedback
 
 
@@ -214,21 +212,16 @@ class BilinearRoutedPool(nn.Module):
         return _BilinearRouteFn.apply(x, self.pool) if torch.is_grad_enabled() else self.pool(x)
 
 
-def _outside_package() -> int:
-    """The ``stacklevel`` of the innermost caller outside this package, for a warning raised by
-    the function that calls this one."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "ekdaa":
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 class EKDAA(Rule):
     """Error-kernel driven activation alignment; its options are ``OPTIONS`` (README: "EKDAA options")."""
 
     name = "ekdaa"
     feedback_name = "error_kernel"
     uses_derivative = False
+    batchnorm_choices = ("beta", "error_kernel_init")
+    batchnorm_advice = ("through every norm Glorot error kernels amplify d and beta compounds (README: \"Feedback "
+                        "scale\"); ResNet-20 on digits trained best with error_kernel_init 'layer-init' and beta 0.9 "
+                        "under SGD, and with the random kernels at beta 0.1 under Adam")
 
     OPTIONS = (
         Option("beta", 0.9, "target step: h~ = h - beta*d", above=0),
@@ -266,17 +259,9 @@ class EKDAA(Rule):
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        self._scale_given = "beta" in options or "error_norm" in options
         if self.error_map_from == "output" and (self.target_function != "activation" or self.error_norm == "relative"):
             raise ConversionError("error_map_from 'output' forms the literal target from z alone: it takes neither "
                                   "target_function 'smooth' nor error_norm 'relative' (both need h)")
-
-    def prepare(self, model: nn.Module, example_input: Tensor | None) -> None:
-        if not self._scale_given and any(type(m) in NORMS for m in model.modules()):
-            warnings.warn("ekdaa: this network has BatchNorm, through which d grows toward the input; the "
-                          f"default beta {self.beta:g} suits networks without it (ResNet-20 on digits: beta 0.1 "
-                          "under Adam, beta 0.9 with error_norm 'max' under SGD): pass beta or error_norm "
-                          "explicitly (the defaults included)", stacklevel=_outside_package())
 
     def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
         if self.error_map_from == "output" and type(module) not in FROM_OUTPUT:

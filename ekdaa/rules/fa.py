@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import FEEDBACK_INIT, NORM_BACKWARD, Rule, random_feedback
+from .base import FEEDBACK_INIT, FEEDBACK_ON_BATCHNORM, NORM_BACKWARD, Rule, random_feedback
 
 
 class FeedbackAlignment(Rule):
@@ -20,6 +20,7 @@ class FeedbackAlignment(Rule):
 
     name = "fa"
     OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
+    batchnorm_choices, batchnorm_advice = FEEDBACK_ON_BATCHNORM
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, random_feedback(layer, self.feedback_init), learned=None)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import fresh_weight, glorot_std
-from .base import FEEDBACK_INIT, NORM_BACKWARD, Rule
+from .base import FEEDBACK_INIT, FEEDBACK_ON_BATCHNORM, NORM_BACKWARD, Rule
 
 
 class SignSymmetry(Rule):
@@ -22,6 +22,7 @@ class SignSymmetry(Rule):
 
     name = "sign-symmetry"
     OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
+    batchnorm_choices, batchnorm_advice = FEEDBACK_ON_BATCHNORM
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, None, learned=None)
