@@ -128,14 +128,18 @@ def _resnet(blocks: int, input_shape: Sequence[int], num_classes: int, activatio
     return nn.Sequential(*layers)
 
 
-# EKDAA's beta: BatchNorm's backward multiplies the error by gamma / sigma at every layer, so in
-# these networks d grows toward the input (ResNet-20 at initialisation, digits: RMS 0.04 at the
-# top, 2.2 at the bottom; in paper-cnn it stays below 0.11) and beta 0.9 drives tanh targets into
-# their flat tails. Digits, 5 epochs, tanh, Adam 1e-3, seeds 0-4: beta 0.9 71.6 / 76.3 % (seeds 0, 1),
-# 0.3 93.3 % (mean), 0.1 95.1 %, 0.03 about 94 % (seeds 2-4). Under SGD (lr 0.05, momentum 0.9, cosine,
-# ReLU, seeds 0-2) the error map's size, about beta f'(h) d, sets the step: there beta 0.1 gave 80.4 %
-# and beta 0.9 with error_norm "max" 95.6 % (bp 98.5 %), which the resnet-cpu suite uses. The
-# recommendation is for `ekdaa train`'s default optimizer, Adam.
+# EKDAA's beta: BatchNorm's backward divides the error by sigma (about W's scale) at every layer,
+# and Glorot error kernels are larger than these layers' W, so d grows toward the input (ResNet-20
+# at initialisation, digits: RMS 0.04 at the top, 2.2 at the bottom; in paper-cnn it stays below
+# 0.11) and beta 0.9 drives tanh targets into their flat tails; a small beta compensates by
+# compounding. Digits, 5 epochs, tanh, Adam 1e-3, seeds 0-4: beta 0.9 71.6 / 76.3 % (seeds 0, 1),
+# 0.3 93.3 % (mean), 0.1 95.1 %, 0.03 about 94 % (seeds 2-4). error_kernel_init "layer-init" keeps d
+# flat instead (README, "Feedback scale"), but under Adam it does no better (93.9 % at beta 0.1,
+# 91.5 % at 0.9). Under SGD (lr 0.05, momentum 0.9, cosine, ReLU) the error map's size, about
+# beta f'(h) d, sets the step: there beta 0.1 gave 80.4 %, beta 0.9 with error_norm "max" 95.6 %
+# (seeds 0-2) and beta 0.9 with layer-init kernels 98.1 % (seeds 0-4; bp 98.6 %), which the
+# resnet-cpu suite runs beside its other EKDAA rows. The recommendation is for `ekdaa train`'s
+# default optimizer, Adam.
 _BN_RESNET = dict(beta=0.1)
 
 

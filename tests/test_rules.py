@@ -322,6 +322,13 @@ def as_reference(net: nn.Sequential) -> list:
 NO_TRANSPORT = ["fa", "dfa", "sign-symmetry", "kolen-pollack", "ekdaa"]
 
 
+def chosen(rule: str, **options) -> dict:
+    """``options`` plus the rule's defaults for what a BatchNorm network should choose, given
+    explicitly (so conversion does not warn)."""
+    defaults = make_rule(rule)
+    return {**{name: getattr(defaults, name) for name in defaults.batchnorm_choices}, **options}
+
+
 @pytest.mark.parametrize("rule,norm_backward", [(r, "autograd") for r in ekdaa.RULES if r != "last-layer"]
                          + [(r, "inverse-std") for r in NO_TRANSPORT])
 def test_grads_through_batchnorm_and_residual_blocks_match_reference(rule, norm_backward):
@@ -330,9 +337,7 @@ def test_grads_through_batchnorm_and_residual_blocks_match_reference(rule, norm_
     randomise(net)
     x, y = batch()
     options = {} if norm_backward == "autograd" else dict(norm_backward=norm_backward)
-    if rule == "ekdaa":
-        options["beta"] = 0.9  # chosen: no warning about BatchNorm
-    model = ekdaa.convert(copy.deepcopy(net), rule, example_input=x, **options)
+    model = ekdaa.convert(copy.deepcopy(net), rule, example_input=x, **chosen(rule, **options))
     got = grads_of(model, x, y)
     transmit = {}
     for name, m in model.named_modules():
@@ -362,7 +367,7 @@ def test_a_residual_network_with_batchnorm_trains_under_every_rule(rule):
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float32)
     x, y = torch.randn(32, 2, 8, 8), torch.randint(0, 5, (32,))
-    model = ekdaa.convert(residual_net(), rule, example_input=x, **({"beta": 0.9} if rule == "ekdaa" else {}))
+    model = ekdaa.convert(residual_net(), rule, example_input=x, **chosen(rule))
     losses = sgd_steps(model, x, y, lr=0.05, steps=60)
     assert sum(losses[-3:]) / 3 < 0.9 * losses[0], rule  # random labels of 32 images, 60 steps
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -426,7 +431,7 @@ def test_layer_init_feedback_is_independent_of_w_on_its_initial_scale(rule):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 200))
     rms = [m.weight.detach().square().mean().sqrt().item() for m in (net[0], net[3])]
-    glorot = ekdaa.convert(copy.deepcopy(net), rule, **({"beta": 0.9} if rule == "ekdaa" else {}))
+    glorot = ekdaa.convert(copy.deepcopy(net), rule)
     drawn = ekdaa.convert(copy.deepcopy(net), rule, **{RANDOM_FEEDBACK[rule]: "layer-init"})
     for i, w_rms in zip((0, 3), rms):
         assert feedback_scale(drawn[i], rule) == pytest.approx(w_rms, rel=0.05)  # both one draw of W's init
@@ -453,9 +458,8 @@ def test_layer_init_feedback_keeps_a_batchnorm_resnet_update_on_backprops_scale(
 
     bp = relative_update("bp")
     for rule, option in RANDOM_FEEDBACK.items():
-        beta = {"beta": 0.9} if rule == "ekdaa" else {}
-        assert relative_update(rule, **beta) > 50 * bp, rule
-        assert bp / 20 < relative_update(rule, **beta, **{option: "layer-init"}) < 20 * bp, rule
+        assert relative_update(rule, **chosen(rule)) > 50 * bp, rule  # Glorot, EKDAA at beta 0.9
+        assert bp / 20 < relative_update(rule, **chosen(rule, **{option: "layer-init"})) < 20 * bp, rule
 
 
 def test_kolen_pollack_feedback_converges_to_w_under_weight_decay():
@@ -583,7 +587,7 @@ def test_sign_cnn_trains(rule, options):
 def test_inverse_std_norm_divides_the_error_by_sigma_for_any_input_rank():
     for shape in ((6, 3), (6, 3, 5), (6, 3, 4, 4)):
         norm = nn.BatchNorm1d(3) if len(shape) < 4 else nn.BatchNorm2d(3)
-        model = ekdaa.convert(nn.Sequential(nn.Linear(1, 1), norm), "fa", norm_backward="inverse-std")
+        model = ekdaa.convert(nn.Sequential(nn.Linear(1, 1), norm), "fa", **chosen("fa", norm_backward="inverse-std"))
         x = torch.randn(*shape, requires_grad=True)
         out = model[1](x)
         e = torch.randn(shape)
@@ -709,7 +713,8 @@ def test_rules_warn_when_a_batchnorm_network_takes_defaults_chosen_without_it():
              ("ekdaa", dict(error_kernel_init="layer-init"), "beta")]
     cases += [(rule, {}, "feedback_init") for rule in ("fa", "kolen-pollack", "sign-symmetry")]
     for rule, options, unset in cases:
-        for convert in (lambda net: ekdaa.convert(net, rule, **options), lambda net: make_rule(rule, **options).convert(net)):
+        for convert in (lambda net: ekdaa.convert(net, rule, **options),
+                        lambda net: make_rule(rule, **options).convert(net)):
             with pytest.warns(UserWarning, match=rf"{rule}: this network has BatchNorm.*defaults of {unset} were "
                               rf"chosen without it.*Feedback scale.*pass {unset} explicitly") as record:
                 convert(bn_net())
