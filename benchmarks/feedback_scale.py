@@ -23,19 +23,17 @@ import ekdaa
 from ekdaa.config import TrainConfig
 from ekdaa.data import load_dataset
 from ekdaa.models import build_model
-from ekdaa.rules import make_rule
+from ekdaa.rules import RULES, make_rule
 from ekdaa.rules.ekdaa import ErrorMap
 from ekdaa.train import build, prepare_data
 
-INIT_OPTION = {"ekdaa": "error_kernel_init", "fa": "feedback_init", "kolen-pollack": "feedback_init",
-               "sign-symmetry": "feedback_init"}
+RANDOM_FEEDBACK = [name for name, rule in RULES.items() if rule.init_option]
 
 
 def options(rule: str, init: str | None) -> dict:
     """The rule's BatchNorm choices at their defaults (beta 0.9 for EKDAA), with ``init`` if given."""
-    rule_ = make_rule(rule)
-    chosen = {name: getattr(rule_, name) for name in rule_.batchnorm_choices}
-    return {**chosen, INIT_OPTION[rule]: init} if init else chosen
+    chosen = make_rule(rule).batchnorm_defaults()
+    return {**chosen, RULES[rule].init_option: init} if init else chosen
 
 
 def relative_update(model: nn.Module) -> list[float]:
@@ -47,8 +45,9 @@ def at_initialisation() -> None:
     net = build_model("resnet20", (3, 8, 8), 10)
     x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
     print("first convolution's |dW| / |W| at initialisation (ResNet-20, random 8x8 inputs):")
-    runs = [("bp", None)] + [(rule, init) for rule in INIT_OPTION for init in (None, "layer-init")]
+    runs = [("bp", None)] + [(rule, init) for rule in RANDOM_FEEDBACK for init in (None, "layer-init")]
     for rule, init in runs:
+        torch.manual_seed(1)  # the same feedback draw whatever the order of the runs
         model = ekdaa.convert(copy.deepcopy(net), rule, **(options(rule, init) if rule != "bp" else {}))
         F.cross_entropy(model(x), y).backward()
         print(f"  {rule:14s} {init or 'default':10s} {relative_update(model)[0]:10.4g}")

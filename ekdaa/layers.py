@@ -20,7 +20,7 @@ with one fused ``aten.convolution_backward`` call per needed gradient.
 """
 from __future__ import annotations
 
-import copy
+import math
 from typing import Callable
 
 import torch
@@ -205,12 +205,21 @@ def glorot_like(weight: Tensor) -> Tensor:
     return nn.init.xavier_uniform_(torch.empty_like(weight, memory_format=torch.contiguous_format))
 
 
-def fresh_weight(layer: nn.Module) -> Tensor:
-    """A fresh draw of ``layer``'s weight by its class's own initialiser (``reset_parameters`` on a
-    copy), independent of the layer's current weight."""
-    twin = copy.deepcopy(layer)
-    twin.reset_parameters()
-    return twin.weight.detach().contiguous()
+#: nn.Conv2d's and nn.Linear's own weight initialiser: kaiming_uniform_ with a = sqrt(5)
+_LAYER_INIT_SLOPE = math.sqrt(5)
+
+
+def layer_init_like(weight: Tensor) -> Tensor:
+    """A fresh tensor of W's shape drawn as nn.Conv2d / nn.Linear draw their weight by default,
+    independent of W."""
+    fresh = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return nn.init.kaiming_uniform_(fresh, a=_LAYER_INIT_SLOPE)
+
+
+def layer_init_std(weight: Tensor) -> float:
+    """The standard deviation of :func:`layer_init_like`: 1 / sqrt(3 fan_in)."""
+    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
+    return nn.init.calculate_gain("leaky_relu", _LAYER_INIT_SLOPE) / math.sqrt(fan_in)
 
 
 def glorot_std(weight: Tensor) -> float:

@@ -325,8 +325,7 @@ NO_TRANSPORT = ["fa", "dfa", "sign-symmetry", "kolen-pollack", "ekdaa"]
 def chosen(rule: str, **options) -> dict:
     """``options`` plus the rule's defaults for what a BatchNorm network should choose, given
     explicitly (so conversion does not warn)."""
-    defaults = make_rule(rule)
-    return {**{name: getattr(defaults, name) for name in defaults.batchnorm_choices}, **options}
+    return {**make_rule(rule).batchnorm_defaults(), **options}
 
 
 @pytest.mark.parametrize("rule,norm_backward", [(r, "autograd") for r in ekdaa.RULES if r != "last-layer"]
@@ -415,8 +414,7 @@ def test_fa_with_feedback_equal_to_w_is_bp():
         torch.testing.assert_close(got[name], want[name], rtol=1e-13, atol=1e-15)
 
 
-RANDOM_FEEDBACK = {"fa": "feedback_init", "kolen-pollack": "feedback_init", "sign-symmetry": "feedback_init",
-                   "ekdaa": "error_kernel_init"}
+RANDOM_FEEDBACK = {name: rule.init_option for name, rule in ekdaa.RULES.items() if rule.init_option}
 
 
 def feedback_scale(layer: nn.Module, rule: str) -> float:
@@ -446,7 +444,8 @@ def test_layer_init_feedback_is_independent_of_w_on_its_initial_scale(rule):
 def test_layer_init_feedback_keeps_a_batchnorm_resnet_update_on_backprops_scale():
     """Through BatchNorm, which divides by about W's scale, Glorot feedback sqrt(3) larger than W
     multiplies the error at every layer: at initialisation, ResNet-20's first convolution gets
-    relative updates hundreds of times backprop's; drawn by the layer's initialiser, about backprop's."""
+    relative updates hundreds (EKDAA) to thousands (FA, ...) of times backprop's; drawn by the layer's
+    initialiser, about backprop's."""
     torch.manual_seed(0)
     net = build_model("resnet20", (3, 8, 8), 10)
     x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..layers import (ACTIVATIONS, FEEDBACK_CLASSES, INVERSE_STD_NORMS, NORMS, PASSTHROUGH, Sign, fresh_weight,
-                      glorot_like)
+from ..layers import (ACTIVATIONS, FEEDBACK_CLASSES, INVERSE_STD_NORMS, NORMS, PASSTHROUGH, Sign, glorot_like,
+                      layer_init_like)
 
 
 class ConversionError(ValueError):
@@ -75,14 +75,15 @@ FEEDBACK_INIT = Option(
     choices=("glorot", "layer-init"))
 
 #: ``batchnorm_choices`` and ``batchnorm_advice`` of the rules that take ``FEEDBACK_INIT``
-FEEDBACK_ON_BATCHNORM = (("feedback_init",), "through every norm Glorot feedback amplifies the error (README: "
+FEEDBACK_ON_BATCHNORM = ((FEEDBACK_INIT.name,), "through every norm Glorot feedback amplifies the error (README: "
                          "\"Feedback scale\"); 'layer-init' keeps it on W's initial scale")
 
 
 def random_feedback(layer: nn.Module, init: str) -> Tensor:
     """A feedback tensor of ``layer.weight``'s shape, independent of W: Glorot-uniform (``glorot``)
     or drawn by the layer's own initialiser (``layer-init``)."""
-    return fresh_weight(layer) if init == "layer-init" else glorot_like(layer.weight.detach())
+    w = layer.weight.detach()
+    return layer_init_like(w) if init == "layer-init" else glorot_like(w)
 
 
 def _outside_package() -> int:
@@ -112,6 +113,8 @@ class Rule:
     #: while any of them is left unset warns, with ``batchnorm_advice``
     batchnorm_choices: ClassVar[tuple[str, ...]] = ()
     batchnorm_advice: ClassVar[str] = ""
+    #: the option choosing how a random feedback tensor is drawn (``feedback_init``), if the rule has one
+    init_option: ClassVar[str | None] = None
 
     def __init__(self, **options: Any):
         known = {o.name: o for o in self.OPTIONS}
@@ -126,6 +129,10 @@ class Rule:
     def options(self) -> dict[str, Any]:
         """The rule's options, as passed to ``ekdaa.convert``."""
         return {o.name: getattr(self, o.name) for o in self.OPTIONS}
+
+    def batchnorm_defaults(self) -> dict[str, Any]:
+        """This rule's values of ``batchnorm_choices``, to pass explicitly to ``ekdaa.convert``."""
+        return {name: getattr(self, name) for name in self.batchnorm_choices}
 
     # -- hooks ---------------------------------------------------------------
     def prepare(self, model: nn.Module, example_input: Tensor | None) -> None:

@@ -219,6 +219,7 @@ class EKDAA(Rule):
     feedback_name = "error_kernel"
     uses_derivative = False
     batchnorm_choices = ("beta", "error_kernel_init")
+    init_option = "error_kernel_init"
     batchnorm_advice = ("through every norm Glorot error kernels amplify d and beta compounds (README: \"Feedback "
                         "scale\"); ResNet-20 on digits trained best with error_kernel_init 'layer-init' and beta 0.9 "
                         "under SGD, and with the random kernels at beta 0.1 under Adam")

@@ -21,6 +21,7 @@ class FeedbackAlignment(Rule):
     name = "fa"
     OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
     batchnorm_choices, batchnorm_advice = FEEDBACK_ON_BATCHNORM
+    init_option = FEEDBACK_INIT.name
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, random_feedback(layer, self.feedback_init), learned=None)

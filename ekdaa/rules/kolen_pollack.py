@@ -7,8 +7,9 @@ as W_l, and the same weight decay:
 
 so W_l - B_l shrinks by the factor (1 - lr * weight_decay) every step and B_l
 converges to W_l without W ever being sent backwards. B_l starts independent of W_l
-(Glorot-uniform, or by the layer's own initialiser with ``feedback_init='layer-init'``). B_l (``feedback``) is a
-Parameter whose ``.grad`` is dW_l; ``ekdaa.param_groups`` keeps it in W's group.
+(Glorot-uniform, or by the layer's own initialiser with ``feedback_init='layer-init'``).
+B_l (``feedback``) is a Parameter whose ``.grad`` is dW_l; ``ekdaa.param_groups`` keeps
+it in W's group.
 Without weight decay B_l - W_l never changes: train it with some, on W and B alike,
 e.g. ``torch.optim.SGD(ekdaa.param_groups(model, lr=0.01, weight_decay=1e-3), lr=0.01)``
 (``ekdaa train --weight-decay``).
@@ -26,6 +27,7 @@ class KolenPollack(Rule):
     name = "kolen-pollack"
     OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
     batchnorm_choices, batchnorm_advice = FEEDBACK_ON_BATCHNORM
+    init_option = FEEDBACK_INIT.name
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, random_feedback(layer, self.feedback_init), learned=True)

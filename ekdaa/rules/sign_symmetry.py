@@ -2,7 +2,7 @@
 
 The error travels down through the sign of the forward weights, scaled by a constant s_l
 fixed by the layer's shape: its Glorot standard deviation, or with ``feedback_init='layer-init'``
-the RMS of one draw of the layer's own initialiser (W's initial scale):
+that of nn.Conv2d / nn.Linear's default initialiser, 1 / sqrt(3 fan_in) (W's initial scale):
 
     B_l = s_l * sign(W_l),   e_l = f'(h_l) * (B_{l+1}^T e_{l+1}),   dW_l = e_l (x) z_{l-1}
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..layers import fresh_weight, glorot_std
+from ..layers import glorot_std, layer_init_std
 from .base import FEEDBACK_INIT, FEEDBACK_ON_BATCHNORM, NORM_BACKWARD, Rule
 
 
@@ -23,11 +23,12 @@ class SignSymmetry(Rule):
     name = "sign-symmetry"
     OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
     batchnorm_choices, batchnorm_advice = FEEDBACK_ON_BATCHNORM
+    init_option = FEEDBACK_INIT.name
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, None, learned=None)
-        layer.feedback_scale = (glorot_std(layer.weight) if self.feedback_init == "glorot"
-                                else fresh_weight(layer).square().mean().sqrt().item())
+        std = glorot_std if self.feedback_init == "glorot" else layer_init_std
+        layer.feedback_scale = std(layer.weight)
 
     def feedback(self, layer: nn.Module) -> Tensor:
         return torch.sign(layer.weight.detach()) * layer.feedback_scale
