@@ -417,11 +417,9 @@ def test_fa_with_feedback_equal_to_w_is_bp():
 RANDOM_FEEDBACK = {name: rule.init_option for name, rule in ekdaa.RULES.items() if rule.init_option}
 
 
-def feedback_scale(layer: nn.Module, rule: str) -> float:
+def feedback_scale(layer: nn.Module) -> float:
     """The RMS of what ``layer`` sends the error down through."""
-    if rule == "sign-symmetry":
-        return layer.feedback_scale
-    return getattr(layer, "error_kernel" if rule == "ekdaa" else "feedback").detach().square().mean().sqrt().item()
+    return layer.rule.feedback(layer).detach().square().mean().sqrt().item()
 
 
 @pytest.mark.parametrize("rule", list(RANDOM_FEEDBACK))
@@ -432,10 +430,10 @@ def test_layer_init_feedback_is_independent_of_w_on_its_initial_scale(rule):
     glorot = ekdaa.convert(copy.deepcopy(net), rule)
     drawn = ekdaa.convert(copy.deepcopy(net), rule, **{RANDOM_FEEDBACK[rule]: "layer-init"})
     for i, w_rms in zip((0, 3), rms):
-        assert feedback_scale(drawn[i], rule) == pytest.approx(w_rms, rel=0.05)  # both one draw of W's init
-        assert feedback_scale(glorot[i], rule) > 1.5 * w_rms  # Glorot is sqrt(3) larger for these layers
-        if rule != "sign-symmetry":
-            b = getattr(drawn[i], "error_kernel" if rule == "ekdaa" else "feedback").detach().flatten()
+        assert feedback_scale(drawn[i]) == pytest.approx(w_rms, rel=0.05)  # both one draw of W's init
+        assert feedback_scale(glorot[i]) > 1.5 * w_rms  # Glorot is sqrt(3) larger for these layers
+        if rule != "sign-symmetry":  # its feedback is sign(W) by design
+            b = drawn[i].rule.feedback(drawn[i]).detach().flatten()
             w = drawn[i].weight.detach().flatten()
             assert abs(torch.corrcoef(torch.stack([b, w]))[0, 1]) < 0.1  # a fresh draw, not W
             assert torch.equal(drawn[i].weight, net[i].weight)  # and W itself untouched

@@ -74,10 +74,6 @@ FEEDBACK_INIT = Option(
     "BatchNorm, which divides by about W's scale, Glorot feedback amplifies the error at every layer)",
     choices=("glorot", "layer-init"))
 
-#: ``batchnorm_choices`` and ``batchnorm_advice`` of the rules that take ``FEEDBACK_INIT``
-FEEDBACK_ON_BATCHNORM = ((FEEDBACK_INIT.name,), "through every norm Glorot feedback amplifies the error (README: "
-                         "\"Feedback scale\"); 'layer-init' keeps it on W's initial scale")
-
 
 def random_feedback(layer: nn.Module, init: str) -> Tensor:
     """A feedback tensor of ``layer.weight``'s shape, independent of W: Glorot-uniform (``glorot``)
@@ -220,3 +216,14 @@ class Rule:
             if new is not child:
                 setattr(module, name, new)
         return module
+
+
+class RandomFeedbackRule(Rule):
+    """A rule that sends the error down through a feedback tensor drawn at random (or whose scale
+    is), as its option ``feedback_init`` says: fa, kolen-pollack, sign-symmetry."""
+
+    OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
+    batchnorm_choices = (FEEDBACK_INIT.name,)
+    batchnorm_advice = ("through every norm Glorot feedback amplifies the error (README: \"Feedback scale\"); "
+                        "'layer-init' keeps it on W's initial scale")
+    init_option = FEEDBACK_INIT.name

@@ -254,8 +254,10 @@ class EKDAA(Rule):
         return self.gamma
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
-        w = layer.weight.detach()
-        kernel = w.clone() if self.error_kernel_init == "transpose" else random_feedback(layer, self.error_kernel_init)
+        if self.error_kernel_init == "transpose":
+            kernel = layer.weight.detach().clone()
+        else:
+            kernel = random_feedback(layer, self.error_kernel_init)
         self.attach_feedback(layer, kernel, learned=self.gamma > 0)
 
     def __init__(self, **options: Any):

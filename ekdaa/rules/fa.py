@@ -12,16 +12,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import FEEDBACK_INIT, FEEDBACK_ON_BATCHNORM, NORM_BACKWARD, Rule, random_feedback
+from .base import RandomFeedbackRule, random_feedback
 
 
-class FeedbackAlignment(Rule):
+class FeedbackAlignment(RandomFeedbackRule):
     """Feedback alignment: fixed random feedback B."""
 
     name = "fa"
-    OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
-    batchnorm_choices, batchnorm_advice = FEEDBACK_ON_BATCHNORM
-    init_option = FEEDBACK_INIT.name
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, random_feedback(layer, self.feedback_init), learned=None)

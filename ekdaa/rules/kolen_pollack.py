@@ -18,16 +18,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import FEEDBACK_INIT, FEEDBACK_ON_BATCHNORM, NORM_BACKWARD, Rule, random_feedback
+from .base import RandomFeedbackRule, random_feedback
 
 
-class KolenPollack(Rule):
+class KolenPollack(RandomFeedbackRule):
     """Kolen-Pollack: feedback B learned with W's update and weight decay."""
 
     name = "kolen-pollack"
-    OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
-    batchnorm_choices, batchnorm_advice = FEEDBACK_ON_BATCHNORM
-    init_option = FEEDBACK_INIT.name
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, random_feedback(layer, self.feedback_init), learned=True)

@@ -14,16 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import glorot_std, layer_init_std
-from .base import FEEDBACK_INIT, FEEDBACK_ON_BATCHNORM, NORM_BACKWARD, Rule
+from .base import RandomFeedbackRule
 
 
-class SignSymmetry(Rule):
+class SignSymmetry(RandomFeedbackRule):
     """Sign symmetry: feedback s * sign(W), recomputed every step."""
 
     name = "sign-symmetry"
-    OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
-    batchnorm_choices, batchnorm_advice = FEEDBACK_ON_BATCHNORM
-    init_option = FEEDBACK_INIT.name
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, None, learned=None)
