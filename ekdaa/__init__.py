@@ -7,7 +7,7 @@ A learning rule is a choice of backward pass::
     F.cross_entropy(model(x), y).backward(); opt.step()
 """
 from .layers import Sign
-from .rules import RULES, ConversionError, convert, param_groups
+from .rules import RULES, ConversionError, compile, convert, param_groups
 
 __version__ = "0.1.0"
-__all__ = ["RULES", "ConversionError", "Sign", "convert", "param_groups", "__version__"]
+__all__ = ["RULES", "ConversionError", "Sign", "compile", "convert", "param_groups", "__version__"]

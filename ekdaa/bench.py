@@ -8,19 +8,21 @@ each repeat times a block of ``--steps`` steps of every rule in turn (after
 warm-up), and a rule's ms/step is the median over its blocks, so machine noise
 falls on all rules alike. Ratios are to ``bp``, which is always run.
 
-What "memory" means:
+Besides the batch sizes asked for, a host-bound row (``--host``, on by default): batch 1 of
+3x8x8 images, the smallest the network takes, where a step's time is the host's work per
+operation (on a GPU, launches), not arithmetic.
 
-* CPU: the bytes of the distinct tensor storages that autograd saves for backward
-  during one step's forward pass (seen through
-  ``torch.autograd.graph.saved_tensors_hooks``), not counting the model's
-  parameters and buffers or the input batch. This is the activation memory a
-  step holds at its peak (the end of the forward pass) and is what differs
-  between rules; gradients, optimizer state and backward temporaries are left out.
-* CUDA: ``torch.cuda.max_memory_allocated`` during one step minus the memory
-  allocated before it (activations, gradients and temporaries).
+What "memory" means (both: the peak of one step's allocations above what was allocated
+before it, so activations, gradients and backward temporaries, not parameters or optimizer state):
+
+* CPU: the peak of the allocations torch's profiler records during one step;
+* CUDA: ``torch.cuda.max_memory_allocated`` during one step minus the memory allocated before it.
 
 ``RULE+graph`` rows report the memory of the eager step their graph records (a replay
-allocates nothing; the graph's pool holds that step's tensors for good).
+allocates nothing; the graph's pool holds that step's tensors for good). ``ops`` is the number
+of aten operations one step's forward and backward dispatch below autograd, EKDAA's error map
+counted eager (a fused call is one compiled kernel instead); the optimizer's are not counted, and
+graph and compile rows have none.
 """
 from __future__ import annotations
 
@@ -35,20 +37,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import fused as fusion
 from .graphs import GraphedStep, set_capturable
 from .models import build_model
 from .rules import RULES, convert, param_groups
+from .rules import compile as compile_model
 
 INPUT_SHAPE = (3, 32, 32)
+HOST_SHAPE = (3, 8, 8)  # the smallest input paper-cnn's three pools take: the host-bound row, at batch 1
 NUM_CLASSES = 10
 LR = 0.01
 WARMUP_STEPS = 3
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
 MEMORY = {
-    "cpu": "bytes of distinct tensor storages saved for backward in one step "
-           "(activations; parameters, buffers and the input excluded)",
+    "cpu": "peak of the allocations torch's profiler records in one step, above what was allocated before it",
     "cuda": "peak torch.cuda.max_memory_allocated during one step minus memory allocated before it",
 }
 
@@ -56,17 +60,18 @@ MEMORY = {
 class _Setup:
     """One rule's converted model, optimizer and fixed batch, with its training step."""
 
-    def __init__(self, rule: str, batch: int, device: torch.device, amp: str,
-                 channels_last: bool, compile: bool = False, fused: bool = True, graph: bool = False) -> None:
+    def __init__(self, rule: str, batch: int, device: torch.device, amp: str, channels_last: bool,
+                 compile: bool = False, fused: bool = True, graph: bool = False,
+                 shape: tuple[int, ...] = INPUT_SHAPE) -> None:
         torch.manual_seed(0)  # same data and same W for every rule
-        x = torch.randn(batch, *INPUT_SHAPE)
+        x = torch.randn(batch, *shape)
         y = torch.randint(NUM_CLASSES, (batch,))
-        model = build_model("paper-cnn", INPUT_SHAPE, NUM_CLASSES, activation="tanh")
+        model = build_model("paper-cnn", shape, NUM_CLASSES, activation="tanh")
         name, options = parse_row(rule)
         model = convert(model, name, example_input=x, **options)  # on CPU: DFA draws its feedback there
         fmt = torch.channels_last if channels_last else torch.preserve_format
         self.model = model.to(device=device, memory_format=fmt).train()
-        self.forward = torch.compile(self.model) if compile else self.model
+        self.forward = compile_model(self.model) if compile else self.model
         self.x, self.y = x.to(device=device, memory_format=fmt), y.to(device)
         self.opt = torch.optim.SGD(param_groups(self.model, lr=LR), lr=LR, momentum=0.9)
         self.device, self.dtype, self.fused = device, AMP_DTYPES[amp], fused
@@ -112,23 +117,52 @@ class _Setup:
             self._train(self.x, self.y)  # a graph's replay allocates nothing: measure the step it records
             _sync(self.device)
             return torch.cuda.max_memory_allocated(self.device) - base
-        resident = {_storage(t)[0] for t in (*self.model.parameters(), *self.model.buffers(), self.x)}
-        saved: dict[int, int] = {}
+        return _cpu_peak(lambda: self._train(self.x, self.y))
 
-        def pack(t: Tensor) -> Tensor:
-            ptr, nbytes = _storage(t)
-            if ptr not in resident:
-                saved[ptr] = nbytes
-            return t
+    def ops(self) -> int | None:
+        """aten operations one step's forward and backward dispatch, with EKDAA's error map eager (None
+        for graph and compile rows: a dispatch mode would also spoil torch.compile's cached code)."""
+        if self.graphed is not None or self.forward is not self.model:
+            return None
+        fusion.ENABLED = False
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext())
+        with _OpCounter() as counter:
+            with autocast:
+                loss = F.cross_entropy(self.forward(self.x), self.y)
+            loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.count
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self._train(self.x, self.y)
-        return sum(saved.values())
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched (below autograd) while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
-def _storage(t: Tensor) -> tuple[int, int]:
-    storage = t.untyped_storage()
-    return storage.data_ptr(), storage.nbytes()
+def _cpu_peak(step) -> int:
+    """Peak bytes allocated during ``step()`` above what was allocated before it, from the allocation
+    timeline of torch's profiler (its memory profile, a private API: 0 where it is missing)."""
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        from torch.profiler._memory_profiler import Action
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            step()
+        timeline = prof._memory_profile().timeline
+    except (ImportError, AttributeError, RuntimeError):
+        return 0
+    now = peak = 0
+    for _, action, _, size in timeline:
+        now += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, now)
+    return peak
 
 
 def _sync(device: torch.device) -> None:
@@ -139,14 +173,16 @@ def _sync(device: torch.device) -> None:
 def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: int,
         device: str | torch.device = "cpu", amp: str = "none",
         channels_last: bool = True, compile: bool = False, unfused: bool = False,
-        cuda_graph: bool = False) -> list[dict[str, Any]]:
-    """Benchmark ``rules`` (plus ``bp``, listed first) at each batch size; with
-    ``compile``, each rule also runs ``torch.compile``'d, as row ``RULE+compile``; with
-    ``unfused``, each rule also runs with EKDAA's error map unfused (eager), as ``RULE+unfused``;
-    with ``cuda_graph`` (CUDA only), each rule's whole step also replays from a CUDA graph, as ``RULE+graph``.
+        cuda_graph: bool = False, host: bool = True) -> list[dict[str, Any]]:
+    """Benchmark ``rules`` (plus ``bp``, listed first) at each batch size, and with ``host`` at
+    batch 1 of ``HOST_SHAPE`` inputs; with ``compile``, each rule also runs compiled
+    (:func:`ekdaa.compile`), as row ``RULE+compile``; with ``unfused``, each rule also runs with
+    EKDAA's error map unfused (eager), as ``RULE+unfused``; with ``cuda_graph`` (CUDA only), each
+    rule's whole step also replays from a CUDA graph, as ``RULE+graph``.
 
-    Returns one row per (batch, row): ``rule``, ``batch``, ``ms`` (median ms/step),
-    ``images_per_s``, ``ratio_to_bp`` (ms, to eager bp) and ``mem_ratio_to_bp``.
+    Returns one row per (input, batch, row): ``rule``, ``batch``, ``input`` (CxHxW), ``ms`` (median
+    ms/step), ``images_per_s``, ``ratio_to_bp`` (ms, to eager bp), ``mem_ratio_to_bp``, ``ops`` and
+    ``ops_ratio_to_bp`` (None for graph rows).
     """
     unknown = [r for r in rules if parse_row(r)[0] not in RULES]
     if unknown:
@@ -167,33 +203,33 @@ def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: i
     if cuda_graph:
         variants.update({f"{name}+graph": dict(rule=name, graph=True) for name in names})
     enabled = fusion.ENABLED  # each setup switches fusion for its own steps; restored at the end
+    inputs = [(batch, INPUT_SHAPE) for batch in batch_sizes] + ([(1, HOST_SHAPE)] if host else [])
     try:
-        return _run(variants, batch_sizes, steps, repeats, device, amp, channels_last)
+        return [row for batch, shape in inputs
+                for row in _run(variants, batch, shape, steps, repeats, device, amp, channels_last)]
     finally:
         fusion.ENABLED = enabled
 
 
-def _run(variants: dict[str, dict[str, Any]], batch_sizes: Sequence[int], steps: int, repeats: int,
+def _run(variants: dict[str, dict[str, Any]], batch: int, shape: tuple[int, ...], steps: int, repeats: int,
          device: torch.device, amp: str, channels_last: bool) -> list[dict[str, Any]]:
-    names = list(variants)
-    rows: list[dict[str, Any]] = []
-    for batch in batch_sizes:
-        setups = {label: _Setup(batch=batch, device=device, amp=amp, channels_last=channels_last, **how)
-                  for label, how in variants.items()}
-        for setup in setups.values():
-            for _ in range(WARMUP_STEPS):
-                setup.step()
-        memory = {name: setup.memory() for name, setup in setups.items()}
-        blocks: dict[str, list[float]] = {name: [] for name in names}
-        for _ in range(repeats):
-            for name, setup in setups.items():
-                blocks[name].append(setup.time_block(steps))
-        ms = {name: statistics.median(times) for name, times in blocks.items()}
-        rows += [dict(rule=name, batch=batch, ms=round(ms[name], 3),
-                      images_per_s=round(batch * 1e3 / ms[name], 1),
-                      ratio_to_bp=round(ms[name] / ms["bp"], 3),
-                      mem_ratio_to_bp=round(memory[name] / memory["bp"], 3)) for name in names]
-    return rows
+    setups = {label: _Setup(batch=batch, device=device, amp=amp, channels_last=channels_last, shape=shape, **how)
+              for label, how in variants.items()}
+    for setup in setups.values():
+        for _ in range(WARMUP_STEPS):
+            setup.step()
+    memory = {name: setup.memory() for name, setup in setups.items()}
+    ops = {name: setup.ops() for name, setup in setups.items()}
+    blocks: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(repeats):
+        for name, setup in setups.items():
+            blocks[name].append(setup.time_block(steps))
+    ms = {name: statistics.median(times) for name, times in blocks.items()}
+    ratio = lambda a, b: round(a / b, 3) if a is not None and b else None  # noqa: E731
+    return [dict(rule=name, batch=batch, input="x".join(map(str, shape)), ms=round(ms[name], 3),
+                 images_per_s=round(batch * 1e3 / ms[name], 1), ratio_to_bp=ratio(ms[name], ms["bp"]),
+                 mem_ratio_to_bp=ratio(memory[name], memory["bp"]), ops=ops[name],
+                 ops_ratio_to_bp=ratio(ops[name], ops["bp"])) for name in setups]
 
 
 def _positive(text: str) -> int:
@@ -257,6 +293,8 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time each rule's whole step replayed from a CUDA graph (rows RULE+graph; "
                         "--device cuda)")
+    parser.add_argument("--no-host", dest="host", action="store_false",
+                        help="leave out the host-bound row (batch 1 of 3x8x8 images)")
     parser.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--table", metavar="JSON", help="print the Markdown table of a saved --json result "
@@ -264,12 +302,18 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _cell(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _format_table(rows: list[dict[str, Any]]) -> str:
     width = max(14, *(len(r["rule"]) for r in rows))
-    header = f"{'rule':<{width}} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'ratio to bp':>11} {'mem ratio':>9}"
+    header = (f"{'rule':<{width}} {'batch':>5} {'input':>7} {'ms/step':>9} {'images/s':>9} {'ratio to bp':>11} "
+              f"{'mem ratio':>9} {'ops':>5} {'ops ratio':>9}")
     lines = [header, "-" * len(header)]
-    lines += [f"{r['rule']:<{width}} {r['batch']:>5} {r['ms']:>9.2f} {r['images_per_s']:>9.1f} "
-              f"{r['ratio_to_bp']:>11.2f} {r['mem_ratio_to_bp']:>9.2f}" for r in rows]
+    lines += [f"{r['rule']:<{width}} {r['batch']:>5} {r['input']:>7} {r['ms']:>9.2f} {r['images_per_s']:>9.1f} "
+              f"{_cell(r['ratio_to_bp']):>11} {_cell(r['mem_ratio_to_bp']):>9} {r['ops'] or '-':>5} "
+              f"{_cell(r['ops_ratio_to_bp']):>9}" for r in rows]
     return "\n".join(lines)
 
 
@@ -277,9 +321,11 @@ def markdown(info: dict[str, Any]) -> str:
     """A benchmark's JSON (``--json``) as a Markdown table headed by its machine and settings."""
     head = (f"Device {info['device']}, torch {info['torch']}, {info['threads']} threads, amp {info['amp']}, "
             f"channels_last {info['channels_last']}.")
-    lines = [head, "", "| row | batch | ms/step | images/s | ratio to bp | memory ratio |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['rule']} | {r['batch']} | {r['ms']:.1f} | {r['images_per_s']:.0f} | {r['ratio_to_bp']:.2f} | "
-              f"{r['mem_ratio_to_bp']:.2f} |" for r in info["rows"]]
+    lines = [head, "", "| row | batch | input | ms/step | images/s | ratio to bp | memory ratio | ops ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['rule']} | {r['batch']} | {r.get('input', 'x'.join(map(str, INPUT_SHAPE)))} | {r['ms']:.2f} | "
+              f"{r['images_per_s']:.0f} | {_cell(r['ratio_to_bp'])} | {_cell(r['mem_ratio_to_bp'])} | "
+              f"{_cell(r.get('ops_ratio_to_bp'))} |" for r in info["rows"]]
     return "\n".join(lines)
 
 
@@ -308,11 +354,11 @@ def execute(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = run(args.rules, args.batch_sizes, args.steps, args.repeats, device, args.amp,
-               args.channels_last, args.compile, args.unfused, args.cuda_graph)
+               args.channels_last, args.compile, args.unfused, args.cuda_graph, args.host)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile, "unfused": args.unfused,
-            "cuda_graph": args.cuda_graph,
+            "cuda_graph": args.cuda_graph, "host_input": "x".join(map(str, HOST_SHAPE)) if args.host else None,
             "memory": MEMORY[device.type], "rows": rows}
     if args.json:
         print(json.dumps(info, indent=2))

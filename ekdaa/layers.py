@@ -16,12 +16,15 @@ output, returns
     dW = e (x) z_prev,  db = sum of e             (the usual local correlation)
     dF = dW                                       (only if F is learned: EKDAA, KP)
 
-with one fused ``aten.convolution_backward`` call per needed gradient.
+with one ``aten.convolution_backward`` call (d through F, dW from e and x: dW never reads W) in the
+dtype of the arriving error. Where x is the output of EKDAA's error map, which keeps h anyway,
+the layer keeps nothing and recomputes x = f(h) from the error map's h (:func:`recomputable`): one
+saved activation per layer, as backprop keeps.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +115,8 @@ class InverseStdBatchNorm2d(_InverseStdNorm, nn.BatchNorm2d):
 INVERSE_STD_NORMS = {nn.BatchNorm1d: InverseStdBatchNorm1d, nn.BatchNorm2d: InverseStdBatchNorm2d}
 
 
-def _conv_args(layer: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
+def conv_args(layer: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
+    """A convolution's stride, padding and dilation as ``aten.convolution_backward`` takes them."""
     padding = layer.padding
     if isinstance(padding, str):  # 'valid' or 'same' (odd kernels only)
         if padding == "valid":
@@ -124,17 +128,46 @@ def _conv_args(layer: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
     return list(layer.stride), list(padding), list(layer.dilation)
 
 
+#: The attribute by which an autograd node (a custom Function's ctx) says that its output is z = f(h)
+#: with h its first saved tensor, and names f: EKDAA's error map, which keeps h for its own backward.
+RECOMPUTE = "recompute_output"
+
+
+def recomputable(x: Tensor) -> tuple[Any, tuple | None] | None:
+    """``(node, view)`` when ``x`` is z = f(h), or a view of it (``view``: its size, stride and
+    offset), made by a node that keeps h (:data:`RECOMPUTE`): a backward that needs x then keeps
+    nothing and gets x back from :func:`recompute` (or takes h for z's shape and layout); else None."""
+    if torch.compiler.is_compiling():  # the compiler chooses what to keep
+        return None
+    z = x if x._base is None else x._base
+    if getattr(z.grad_fn, RECOMPUTE, None) is None:
+        return None
+    return z.grad_fn, None if z is x else (x.size(), x.stride(), x.storage_offset())
+
+
+def recompute(node: Any, view: tuple | None) -> Tensor:
+    """The input x that :func:`recomputable` described: z = f(h), computed once per backward and
+    left on the node (as ``node.z``) for the node's own backward and for z's other users."""
+    z = node.z
+    if z is None:
+        node.z = z = getattr(node, RECOMPUTE)(node.saved_tensors[0])
+    return z if view is None else z.as_strided(*view)  # f(h) is laid out as z was
+
+
 class _FeedbackFn(torch.autograd.Function):
     """h = W * x + b forward; backward transmits through ``feedback`` (None: transmit
-    nothing, as DFA's hidden layers do)."""
+    nothing, as DFA's hidden layers do). The backward runs in the dtype of the error that
+    arrives (bf16 under bf16 autocast, as backprop's does): x and the feedback are cast to it,
+    and autograd casts the gradients to the parameters' dtype."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
                 conv: tuple | None) -> Tensor:
         ctx.conv = conv
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.has_feedback = bias is not None, feedback is not None
         ctx.set_materialize_grads(False)  # no error arrived (DFA, last-layer): no update at all
-        ctx.save_for_backward(x, weight, feedback)
+        ctx.source = recomputable(x)
+        ctx.save_for_backward(x if ctx.source is None else None, weight, feedback)
         if conv is None:
             return F.linear(x, weight, bias)
         stride, padding, dilation = conv
@@ -144,45 +177,41 @@ class _FeedbackFn(torch.autograd.Function):
     def backward(ctx, e: Tensor | None):
         if e is None:
             return None, None, None, None, None
-        x, weight, feedback = ctx.saved_tensors
-        # Computed in the parameters' precision (float32 under bf16 autocast).
-        e, x = e.to(weight.dtype), x.to(weight.dtype)
-        need_x = ctx.needs_input_grad[0] and feedback is not None
+        need_x = ctx.needs_input_grad[0] and ctx.has_feedback
         need_w, need_b, need_f = ctx.needs_input_grad[1:4]
-        d = dw = db = None
+        if not (need_x or need_w or need_b or need_f):
+            return None, None, None, None, None
+        x, weight, feedback = ctx.saved_tensors
+        x = x if ctx.source is None else recompute(*ctx.source)
+        # dW does not depend on the weight's values: one call sends e down through the feedback
+        # and correlates it with x
+        sender = weight if feedback is None else feedback
+        if x.dtype != e.dtype:  # x: the input data, in float32 under autocast
+            x = x.to(e.dtype)
+        if sender.dtype != e.dtype:  # the feedback cast as autocast casts W
+            sender = sender.to(e.dtype)
         if ctx.conv is None:
-            e2 = e.reshape(-1, e.shape[-1])
-            if need_x:
-                d = e.matmul(feedback)
-            if need_w or need_f:
-                dw = e2.t().matmul(x.reshape(-1, x.shape[-1]))
-            if need_b:
-                db = e2.sum(0)
+            d = (e.mm(sender) if e.dim() == 2 else e.matmul(sender)) if need_x else None
+            dw = (e.t().mm(x) if e.dim() == 2 else e.flatten(0, -2).t().mm(x.flatten(0, -2))
+                  ) if need_w or need_f else None
+            db = (e.sum(0) if e.dim() == 2 else e.flatten(0, -2).sum(0)) if need_b else None
         else:
-            args = (*ctx.conv, False, [0, 0], 1)
-            if need_x:
-                d = torch.ops.aten.convolution_backward(
-                    e, x, feedback, None, *args, [True, False, False])[0]
-            if need_w or need_b or need_f:
-                bias_sizes = [weight.shape[0]] if ctx.has_bias else None
-                _, dw, db = torch.ops.aten.convolution_backward(
-                    e, x, weight, bias_sizes, *args, [False, need_w or need_f, need_b])
-        if dw is not None and dw.stride() != weight.stride():  # W's layout, as DDP's buckets expect
-            dw = torch.empty_like(weight).copy_(dw)
-        df = dw.clone() if need_f else None  # own storage: W.grad and F.grad must not alias
-        return d, dw if need_w else None, db, df, None
+            bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+            d, dw, db = torch.ops.aten.convolution_backward(
+                e, x, sender, bias_sizes, *ctx.conv, False, [0, 0], 1, [need_x, need_w or need_f, need_b])
+        # dF = dW, the same tensor: autograd never lets two .grad share storage, and copies it only where
+        # it must (into a .grad that is None; a cast to the parameters' dtype is a copy already)
+        return d, dw if need_w else None, db, dw if need_f else None, None
 
 
 class _FeedbackLayer:
     """Mixin: forward through ``_FeedbackFn`` with the feedback tensor the rule supplies."""
 
     rule: "object"  # the ekdaa.rules.Rule that converted this layer
-
-    def _conv_args(self):
-        return None
+    conv_args: tuple | None = None  # stride, padding, dilation of a convolution, fixed at conversion
 
     def forward(self, x: Tensor) -> Tensor:
-        out = _FeedbackFn.apply(x, self.weight, self.bias, self.rule.feedback(self), self._conv_args())
+        out = _FeedbackFn.apply(x, self.weight, self.bias, self.rule.feedback(self), self.conv_args)
         return self.rule.layer_output(self, out)
 
 
@@ -192,9 +221,6 @@ class FeedbackLinear(_FeedbackLayer, nn.Linear):
 
 class FeedbackConv2d(_FeedbackLayer, nn.Conv2d):
     """``nn.Conv2d`` whose error travels down through a feedback kernel."""
-
-    def _conv_args(self):
-        return _conv_args(self)
 
 
 FEEDBACK_CLASSES = {nn.Linear: FeedbackLinear, nn.Conv2d: FeedbackConv2d}

@@ -34,6 +34,7 @@ from .data import Normalizer, augment, batches, load_dataset, split_validation
 from .graphs import GraphedStep, set_capturable
 from .layers import NORMS
 from .models import build_model
+from .rules import compile as compile_model
 from .rules import convert, param_groups
 
 __all__ = ["AMP", "MACHINE_FIELDS", "OPTIMIZERS", "SCHEDULES", "Data", "Diverged", "Run", "TrainConfig",
@@ -196,7 +197,7 @@ class Run:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
-            self.net = torch.compile(self.net)
+            self.net = compile_model(self.net)
         self.aug_gen = torch.Generator(device=self.device)  # reseeded every epoch: see train_epoch
         if len(self.data.train[1]) < cfg.batch_size * self.dist.world:
             raise TrainError(f"{len(self.data.train[1])} training images are fewer than one global batch "
@@ -205,7 +206,10 @@ class Run:
         self.history: list[dict[str, Any]] = []  # one record per epoch done
         if saved is not None:
             self._restore(saved)
-        set_capturable(self.opt, cfg.cuda_graph)  # after the restore: a checkpoint's groups may say otherwise
+        # on a GPU Adam/AdamW always run capturable (step count and bias corrections on the device), so that a
+        # run computes the same with and without --cuda-graph, and one resumed across them continues it;
+        # after the restore: a checkpoint's groups may say otherwise
+        set_capturable(self.opt, self.device.type == "cuda")
         self.graphed = GraphedStep(self._train_step, self.opt) if cfg.cuda_graph else None
         if self.out is not None and self.dist.is_main:  # a resumed run's config.json gets its new epochs
             self.out.mkdir(parents=True, exist_ok=True)

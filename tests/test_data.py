@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -641,3 +644,19 @@ def test_augment_crops_are_windows_of_the_zero_padded_image() -> None:
         ]
         assert any(torch.equal(sample, window) for window in windows)
     assert not torch.equal(out, x)
+
+
+def test_without_pooch_ekdaa_trains_on_data_it_has_and_says_what_a_download_needs(tmp_path):
+    """A bare GPU image has no pooch: importing, the CLI and a run on bundled data must not need it."""
+    code = ("import sys; sys.modules['pooch'] = None\n"
+            "import ekdaa, ekdaa.cli, ekdaa.train\n"
+            "from ekdaa.data import load_dataset, DataError\n"
+            "assert len(load_dataset('digits').test_x) > 0\n"
+            "try:\n"
+            f"    load_dataset('fashion-mnist', data_dir={str(tmp_path)!r})\n"
+            "except DataError as err:\n"
+            "    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "EKDAA_DATA": ""})
+    assert done.returncode == 0, done.stderr
+    assert "needs the package pooch, which is not installed: pip install pooch" in done.stdout

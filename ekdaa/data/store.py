@@ -7,9 +7,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
-
-import pooch
 
 from .dataset import DataError
 
@@ -42,17 +41,35 @@ def fix_hint(url: str) -> Iterator[None]:
         raise DataError(f"{err}; replace it with the official file from {url}") from err
 
 
+def _pooch(needed_for: str) -> ModuleType:
+    """pooch, imported where a file is downloaded or the user cache is looked up, not before: a machine
+    without it trains on data it already has."""
+    try:
+        import pooch
+    except ImportError:
+        raise DataError(f"{needed_for} needs the package pooch, which is not installed: pip install pooch, "
+                        "or pass --data-dir pointing at a folder that holds the dataset's files") from None
+    return pooch
+
+
 def default_data_dir() -> Path:
     """The cache: $EKDAA_DATA if set, else the user cache dir (e.g. ~/.cache/ekdaa)."""
-    return Path(os.environ.get(CACHE_ENV) or pooch.os_cache("ekdaa"))
+    return Path(os.environ.get(CACHE_ENV) or _pooch("finding the user cache folder").os_cache("ekdaa"))
 
 
 class DataStore:
     """A data directory holding one folder per dataset; downloads missing files into it if allowed."""
 
     def __init__(self, root: str | os.PathLike | None = None, download: bool = True) -> None:
-        self.root = Path(root) if root is not None else default_data_dir()
+        self._root = Path(root) if root is not None else None
         self.download = download
+
+    @property
+    def root(self) -> Path:
+        """The data directory (the cache, looked up when first needed, if none was given)."""
+        if self._root is None:
+            self._root = default_data_dir()
+        return self._root
 
     def path(self, folder: str, name: str) -> Path:
         """Where a file of a dataset folder lives (it may not exist)."""
@@ -79,6 +96,7 @@ class DataStore:
 
     @staticmethod
     def _download(remote: RemoteFile, path: Path) -> Path:
+        pooch = _pooch(f"downloading {remote.url}")
         created = not path.parent.exists()
         try:
             pooch.retrieve(

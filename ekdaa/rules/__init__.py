@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .base import ConversionError, Option, Rule
@@ -48,6 +49,20 @@ def convert(model: nn.Module, rule: str = "ekdaa", example_input: Tensor | None 
     return make_rule(rule, **options).convert(model, example_input)
 
 
+#: Inductor options for converted models: torch 2.13's peak-memory reordering can schedule a max-pool
+#: backward's scatter after the kernel that reads it (seen on CPU in a converted sign-symmetry CNN: hidden
+#: layers' .grad silently zero; ``benchmarks/compile_check.py`` shows it with these options left out).
+COMPILE_OPTIONS: dict[str, Any] = {"reorder_for_peak_memory": False}
+
+
+def compile(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """``torch.compile(model, **kwargs)``, with :data:`COMPILE_OPTIONS` for the Inductor backend. A
+    converted model compiles to one graph under every rule; its ``.grad`` match eager."""
+    if kwargs.get("backend", "inductor") == "inductor" and "mode" not in kwargs:
+        kwargs["options"] = {**COMPILE_OPTIONS, **kwargs.get("options", {})}
+    return torch.compile(model, **kwargs)
+
+
 def param_groups(model: nn.Module, lr: float, **group_options: Any) -> list[dict[str, Any]]:
     """Optimizer parameter groups for a converted model.
 
@@ -78,4 +93,5 @@ def _learned_feedback(model: nn.Module, rule: Rule | None) -> list[nn.Parameter]
     return list(seen.values())
 
 
-__all__ = ["RULES", "Option", "Rule", "ConversionError", "convert", "make_rule", "param_groups"]
+__all__ = ["COMPILE_OPTIONS", "RULES", "Option", "Rule", "ConversionError", "compile", "convert", "make_rule",
+           "param_groups"]

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..layers import (ACTIVATIONS, FEEDBACK_CLASSES, INVERSE_STD_NORMS, NORMS, PASSTHROUGH, Sign, glorot_like,
-                      layer_init_like)
+from ..layers import (ACTIVATIONS, FEEDBACK_CLASSES, INVERSE_STD_NORMS, NORMS, PASSTHROUGH, Sign, conv_args,
+                      glorot_like, layer_init_like)
 
 
 class ConversionError(ValueError):
@@ -154,6 +154,8 @@ class Rule:
         """Turn ``layer`` into its Feedback* class in place and register ``tensor``:
         as a buffer if ``learned is None`` (fixed), else as a Parameter whose
         requires_grad is ``learned``."""
+        if isinstance(layer, nn.Conv2d):
+            layer.conv_args = conv_args(layer)
         layer.__class__ = FEEDBACK_CLASSES[type(layer)]
         layer.rule = self
         if tensor is None:

@@ -42,9 +42,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from ..fused import Fused
-from ..layers import Sign, activation_function
+from ..layers import RECOMPUTE, Sign, activation_function, recomputable
 from .base import NORM_BACKWARD, ConversionError, Option, Rule, random_feedback
 
 
@@ -70,39 +71,58 @@ def smooth_stand_in(activation: nn.Module, tau: float,
     return lambda u: tanh((u - mid) * scale) * radius + mid
 
 
-def _literal(h: Tensor, z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor,
-             f: Callable[[Tensor], Tensor]) -> Tensor:
-    """e = (z - f(h - step d)) / n: the paper's error map."""
-    return (z - f(h - step * d)) * inv_n
+def target(h: Tensor, d: Tensor, step: float | Tensor) -> Tensor:
+    """The target's pre-activation h~ = h - step * d (step: beta, times N under a batch-mean loss; a
+    number, or per-sample tensors under an ``error_norm``)."""
+    if isinstance(step, float) and not torch.compiler.is_compiling():
+        return torch.add(h, d, alpha=-step)  # one op (compiled, torch 2.13's Inductor drops this alpha
+    return h - step * d                      # where it folds d's matmul into an addmm)
 
 
-def _smooth(h: Tensor, z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor,
-            g: Callable[[Tensor], Tensor]) -> Tensor:
-    """e = (g(h) - g(h - step d)) / n: both terms through the stand-in, so d = 0 gives e = 0."""
-    return (g(h) - g(h - step * d)) * inv_n
+def _difference(g: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
+    """e = (g(h) - g(h~)) * scale: the paper's error map z - f(h~) with g = f (z = f(h), recomputed
+    from the h kept, or given), or the smooth target's, through its stand-in g (d = 0 gives e = 0)."""
+    def error_map(h: Tensor, d: Tensor, step: float | Tensor, scale: float, z: Tensor | None = None) -> Tensor:
+        return ((g(h) if z is None else z) - g(target(h, d, step))) * scale
+    return error_map
 
 
-def _tanh_from_output(z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor) -> Tensor:
+def _tanh_from_output(z: Tensor, d: Tensor, step: float | Tensor, scale: float, _: None = None) -> Tensor:
     """The literal tanh error map from z alone: with t = tanh(step d), tanh(h - step d) =
-    (z - t) / (1 - z t), so e = t (1 - z^2) / (1 - z t) / n. Where z has rounded to +-1 the
+    (z - t) / (1 - z t), so e = t (1 - z^2) / (1 - z t) * scale. Where z has rounded to +-1 the
     pre-activation is lost: e is 0 there (0 where 0/0)."""
     t = torch.tanh(step * d)
     den = 1 - z * t
-    return torch.where(den > 0, t * (1 - z * z) / den, 0.0) * inv_n
+    return torch.where(den > 0, t * (1 - z * z) / den, 0.0) * scale
 
 
-def _sigmoid_from_output(z: Tensor, d: Tensor, step: Tensor, inv_n: Tensor) -> Tensor:
+def _sigmoid_from_output(z: Tensor, d: Tensor, step: float | Tensor, scale: float, _: None = None) -> Tensor:
     """The literal sigmoid error map from z alone: with m = exp(step d) - 1, sigmoid(h - step d)
-    = z / (1 + (1 - z) m), so e = z (1 - z) m / (1 + (1 - z) m) / n. Where z has rounded to 0 or
+    = z / (1 + (1 - z) m), so e = z (1 - z) m / (1 + (1 - z) m) * scale. Where z has rounded to 0 or
     1 the pre-activation is lost: e is 0 there (0 where 0/0; exp capped to stay finite)."""
     m = torch.expm1((step * d).clamp(max=80.0))
     den = 1 + (1 - z) * m
-    return torch.where(den > 0, z * (1 - z) * m / den, 0.0) * inv_n
+    return torch.where(den > 0, z * (1 - z) * m / den, 0.0) * scale
 
 
 FROM_OUTPUT: dict[type[nn.Module], Callable[..., Tensor]] = {nn.Tanh: _tanh_from_output,
                                                              nn.Sigmoid: _sigmoid_from_output}
 _KERNELS: dict[tuple, Fused] = {}
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is in a 16-bit float type, else as it is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _in_float32(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` taking its small difference in float32 and returning the input's dtype (a fused pass
+    does this in registers; eagerly it costs casts in and one out)."""
+    def error_map(x: Tensor, d: Tensor, step: float | Tensor, scale: float, z: Tensor | None = None) -> Tensor:
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return fn(x, d, step, scale, z)
+        return fn(x.float(), d.float(), step, scale, None if z is None else z.float()).to(x.dtype)
+    return error_map
 
 
 def _error_map_fn(activation: nn.Module, tau: float | None, from_output: bool,
@@ -112,80 +132,124 @@ def _error_map_fn(activation: nn.Module, tau: float | None, from_output: bool,
     if from_output:
         return FROM_OUTPUT[type(activation)]
     if tau is not None:
-        g = smooth_stand_in(activation, tau, tanh)
-        return lambda h, z, d, step, inv_n: _smooth(h, z, d, step, inv_n, g)
-    f = tanh if isinstance(activation, nn.Tanh) else activation_function(activation)
-    return lambda h, z, d, step, inv_n: _literal(h, z, d, step, inv_n, f)
+        return _difference(smooth_stand_in(activation, tau, tanh))
+    return _difference(tanh if isinstance(activation, nn.Tanh) else activation_function(activation))
 
 
 def error_map_kernel(activation: nn.Module, tau: float | None, from_output: bool) -> Fused:
     """The error map of ``activation`` (through its smooth stand-in if ``tau`` is given; from
-    its output alone if ``from_output``) as one fused pass, shared by every layer with the same
-    activation; fused, a difference of two tanh values evaluates them as :func:`tanh_by_exp`."""
+    its output alone if ``from_output``): ``kernel(x, d, step, scale, z=None)`` with x = h (z if
+    ``from_output``; z = f(h) where already computed, literal target only), as one fused pass on
+    large tensors, shared by every layer with the same activation; fused, a difference of two tanh
+    values evaluates them as :func:`tanh_by_exp`."""
     key = (type(activation), activation.extra_repr(), tau, from_output)
     if key not in _KERNELS:
         # from_output: z is the layer's output, which its user may hold: into a new tensor
-        _KERNELS[key] = Fused(_error_map_fn(activation, tau, from_output, torch.tanh),
+        _KERNELS[key] = Fused(_in_float32(_error_map_fn(activation, tau, from_output, torch.tanh)),
                               f"EKDAA's error map ({type(activation).__name__})", overwrite=not from_output,
                               fused_fn=_error_map_fn(activation, tau, from_output, tanh_by_exp))
     return _KERNELS[key]
 
 
 class _ErrorMapFn(torch.autograd.Function):
-    """z = f(h) forward; backward maps the arriving d to the error map e (``kernel``), written
-    over h, which is dead by then, where h is a layer's own output (not input data, not a view)."""
+    """z = f(h) forward, keeping h (z with ``error_map_from='output'``); backward maps the arriving d
+    to the error map e (``kernel``), written over h, which is dead by then, where h is a layer's own
+    output (not input data, not a view). z itself is never kept: a layer fed z recomputes it from this
+    h (:func:`ekdaa.layers.recompute`), and leaves it here for the error map."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, f: Callable[[Tensor], Tensor], kernel: Fused, beta: float, error_norm: str,
-                per_sample: bool, from_output: bool) -> Tensor:
-        z = f(h)
-        ctx.f, ctx.kernel, ctx.beta, ctx.error_norm, ctx.per_sample = f, kernel, beta, error_norm, per_sample
-        ctx.from_output = from_output
-        ctx.owns_h = h.grad_fn is not None and h._base is None  # a layer's fresh output, not data or a view
-        ctx.save_for_backward(*([z] if from_output else [h, z]))  # from_output: the memory of backprop
+    def forward(ctx, h: Tensor, error_map: "ErrorMap") -> Tensor:
+        z = error_map.f(h)
+        ctx.error_map = error_map
+        if error_map.from_output:  # the memory of backprop, whatever follows; e goes to a new tensor
+            ctx.fuse = True
+            ctx.save_for_backward(z)
+            return z
+        # over h only where h is a layer's fresh output, not data or a view (compiled: the compiler decides)
+        ctx.fuse = not torch.compiler.is_compiling() and h.grad_fn is not None and h._base is None
+        setattr(ctx, RECOMPUTE, error_map.f)
+        ctx.z = None  # z, once a layer fed it has recomputed it
+        ctx.save_for_backward(h)
         return z
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        *h, z = ctx.saved_tensors
-        owns_h = ctx.owns_h
-        if z.dtype in (torch.float16, torch.bfloat16):  # the error map is a small difference:
-            grad, z = grad.float(), z.float()           # take both of its terms in float32
-            if h:
-                h, owns_h = [h[0].float()], True
-                z = ctx.f(h[0])
-        n = z.shape[0] if ctx.per_sample else 1  # grad = d / n under a batch-mean loss
-        # h~ = h - step * grad = h - beta * d; scalars made on the device (a CUDA graph allows no host copy)
-        step = torch.full((), ctx.beta * n, dtype=z.dtype, device=z.device)
-        per_sample = dict(dim=tuple(range(1, z.dim())), keepdim=True)
-        if ctx.error_norm == "max":  # d / max(1, max|d|), per sample
-            step = step / (grad.abs().amax(**per_sample) * n).clamp_min(1.0)
-        elif ctx.error_norm == "relative":  # d * rms(h), per sample: beta on the pre-activation's scale
-            step = step * h[0].square().mean(**per_sample).sqrt()
-        inv_n = torch.full((), 1 / n, dtype=z.dtype, device=z.device)
-        if ctx.from_output:
-            return ctx.kernel(z, grad, step, inv_n), None, None, None, None, None, None
-        error_map = ctx.kernel if owns_h else ctx.kernel.fn  # fused over h, or eager into a new tensor
-        return error_map(h[0], z, grad, step, inv_n), None, None, None, None, None, None
+        (x,) = ctx.saved_tensors  # h (z if from_output)
+        m: ErrorMap = ctx.error_map
+        rule = m.rule
+        n = grad.shape[0] if rule.loss_reduction == "mean" else 1  # grad = d / n under a batch-mean loss
+        step = rule.beta * n  # h~ = h - beta * d = h - step * grad
+        if rule.error_norm != "none":
+            per_sample = dict(dim=tuple(range(1, grad.dim())), keepdim=True)
+            if rule.error_norm == "max":  # d / max(1, max|d|), per sample
+                step = step / (_wide(grad.abs().amax(**per_sample)) * n).clamp_min(1.0)
+            else:  # relative: d * rms(h), per sample: beta on the pre-activation's scale
+                step = step * _wide(x).square().mean(**per_sample).sqrt()
+        z = getattr(ctx, "z", None)
+        ctx.z = None  # freed with this backward, not with the graph
+        # a recomputed z saves the kernel an f(h): worth a read on the CPU, not on a GPU; a 16-bit z would
+        # bring its rounding (2^-9 of z) into e's small difference, which the kernel forms in float32
+        if not m.literal or x.device.type != "cpu" or z is not None and z.dtype in (torch.float16, torch.bfloat16):
+            z = None
+        error_map = m.kernel if ctx.fuse else m.kernel.fn  # fused where large, or eager into a new tensor
+        return error_map(x, grad, step, 1 / n, z), None
 
 
 class ErrorMap(nn.Module):
     """An activation whose backward is EKDAA's error map (forward unchanged), formed through
-    the activation itself or, with ``tau``, through its smooth stand-in."""
+    the activation itself or, with ``tau``, through its smooth stand-in. f and the kernel are
+    bound at conversion; beta and the other options are read from the rule at each backward."""
 
     def __init__(self, activation: nn.Module, rule: "EKDAA", tau: float | None = None):
         super().__init__()
         self.activation = activation
         self.rule = rule
-        self.kernel = error_map_kernel(activation, tau, rule.error_map_from == "output")
+        self.f = activation_function(activation)
+        self.from_output = rule.error_map_from == "output"
+        self.literal = tau is None and not self.from_output  # e = z - f(h~): takes a z already computed
+        self.kernel = error_map_kernel(activation, tau, self.from_output)
 
     def forward(self, h: Tensor) -> Tensor:
-        f = activation_function(self.activation)
-        if not torch.is_grad_enabled():
-            return f(h)
-        r = self.rule
-        return _ErrorMapFn.apply(h, f, self.kernel, r.beta, r.error_norm, r.loss_reduction == "mean",
-                                 r.error_map_from == "output")
+        return _ErrorMapFn.apply(h, self) if torch.is_grad_enabled() else self.f(h)
+
+
+class _MaxPoolFn(torch.autograd.Function):
+    """Max-pool forward; backward sends d to the winning unit with autograd's own kernel, which
+    reads the winners' indices and only the shape of the pool's input: it keeps the indices and, for
+    the shape, the h of the error map that made the input (kept there anyway), not z."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pool: "MaxPool2d") -> Tensor:
+        out, indices = F.max_pool2d(x, *pool.args, pool.ceil_mode, return_indices=True)
+        node, view = (recomputable(x) if x.device.type in ("cpu", "cuda") else None) or (None, None)  # MPS reads x
+        like = x if node is None or view is not None else node.saved_tensors[0]  # h: z's shape and layout
+        ctx.pool = pool
+        ctx.save_for_backward(like, indices)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        like, indices = ctx.saved_tensors
+        pool = ctx.pool
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, like, *pool.args, pool.ceil_mode, indices), None
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` (converted in place) that keeps no copy of its input for backward."""
+
+    args: tuple[list[int], ...]  # kernel size, stride, padding, dilation as aten takes them: set by convert
+
+    @classmethod
+    def convert(cls, pool: nn.MaxPool2d) -> "MaxPool2d":
+        kernel = list(_pair(pool.kernel_size))
+        pool.args = kernel, list(_pair(pool.stride or kernel)), list(_pair(pool.padding)), list(_pair(pool.dilation))
+        pool.__class__ = cls  # in place, still an nn.MaxPool2d
+        return pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return super().forward(x)
+        return _MaxPoolFn.apply(x, self)
 
 
 class _BilinearRouteFn(torch.autograd.Function):
@@ -279,6 +343,8 @@ class EKDAA(Rule):
         return ErrorMap(module, self, self.tau)
 
     def convert_pool(self, path: str, module: nn.Module) -> nn.Module:
-        if self.pool_routing == "bilinear" and type(module) is nn.MaxPool2d:
+        if type(module) is not nn.MaxPool2d or module.return_indices:
+            return module
+        if self.pool_routing == "bilinear":
             return BilinearRoutedPool(module)
-        return module
+        return MaxPool2d.convert(module)
