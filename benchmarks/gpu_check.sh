@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# One pass over everything that needs a GPU, for a bare GPU machine with no network, most valuable
-# first, each part under its own time limit so that one that hangs costs only itself:
-#   1-2. the step-time benchmark in fp32 and bf16 (paper-cnn, batch 50/256/1024 and the host-bound row),
-#        every rule eager and replayed from a CUDA graph, EKDAA's error map also unfused and from z alone;
-#   3.   the CUDA tests;
-#   4.   graph against eager (benchmarks/graph_vs_eager.py): rounding or a real difference.
-# Usage: benchmarks/gpu_check.sh OUTDIR   (writes gpu.txt, bench-*.json/md, tests.log, graph_vs_eager.txt)
+# Everything that needs a GPU, for a bare GPU machine with no network, most valuable first, each part
+# under its own time limit so that one that hangs costs only itself:
+#   bench: the step-time benchmark in fp32 and bf16 (paper-cnn, batch 50/256/1024 and the host-bound
+#          row), every rule eager and replayed from a CUDA graph, EKDAA's error map also unfused and
+#          from z alone (stderr with Dynamo's recompiles beside each JSON);
+#   tests: the CUDA tests;
+#   diag:  graph against eager (benchmarks/graph_vs_eager.py): rounding or a real difference.
+# Usage: benchmarks/gpu_check.sh OUTDIR [PART ...]   (default: bench tests diag)
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [bench] [tests] [diag]}
+shift
+parts=" ${*:-bench tests diag} "
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'tf32 cudnn', torch.backends.cudnn.allow_tf32)" | tee -a "$out/gpu.txt"
-rules=ekdaa,fa,dfa,kolen-pollack,ekdaa:error_map_from=output
-for amp in none bf16; do
-  name=$([ "$amp" = none ] && echo fp32 || echo bf16)
-  timeout 150 python3 -m ekdaa.bench --device cuda --amp "$amp" --rules "$rules" --batch-sizes 50,256,1024 \
-      --steps 20 --repeats 5 --cuda-graph --unfused --json > "$out/bench-$name.json" \
-    && python3 -m ekdaa.bench --table "$out/bench-$name.json" | tee "$out/bench-$name.md"
-done
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_graphs.py 2>&1 | tail -40 \
-  | tee "$out/tests.log"
-timeout 150 python3 benchmarks/graph_vs_eager.py --rules sign-symmetry,ekdaa 2>&1 | tee "$out/graph_vs_eager.txt"
+if [[ $parts == *" bench "* ]]; then
+  for amp in none bf16; do
+    name=$([ "$amp" = none ] && echo fp32 || echo bf16)
+    TORCH_LOGS=recompiles timeout 150 python3 -m ekdaa.bench --device cuda --amp "$amp" \
+        --rules ekdaa,fa,dfa,kolen-pollack,ekdaa:error_map_from=output --batch-sizes 50,256,1024 \
+        --steps 20 --repeats 5 --cuda-graph --unfused --json > "$out/bench-$name.json" 2> "$out/bench-$name.err" \
+      && python3 -m ekdaa.bench --table "$out/bench-$name.json" | tee "$out/bench-$name.md" \
+      || tail -30 "$out/bench-$name.err"
+  done
+fi
+if [[ $parts == *" tests "* ]]; then
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_graphs.py 2>&1 | tail -40 \
+    | tee "$out/tests.log"
+fi
+if [[ $parts == *" diag "* ]]; then
+  timeout 150 python3 benchmarks/graph_vs_eager.py --rules sign-symmetry,ekdaa 2>&1 | tee "$out/graph_vs_eager.txt"
+fi

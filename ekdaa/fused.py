@@ -1,7 +1,7 @@
 """One pass over memory for elementwise work in a backward pass.
 
 :class:`Fused` wraps a pure elementwise function. On tensors of at least ``MIN_NUMEL[device type]``
-elements (on a CUDA device any: one kernel instead of several, whatever the size) it runs ``torch.compile`` of it: one kernel, one read of each input, one write, and
+elements (on a GPU, any) it runs ``torch.compile`` of it: one kernel, one read of each input, one write, and
 (``overwrite``) the result written over the first argument, which the caller no longer needs,
 instead of into a fresh tensor (on CPU a fresh large tensor page-faults in). Scalars should come
 as 0-dim tensors, so that a new value is no new compile. Smaller tensors, and calls while a
@@ -24,7 +24,10 @@ import torch
 from torch import Tensor
 
 #: Per device type, tensors smaller than this run eagerly (devices not named: every size is fused).
-#: On the CPU a compiled call costs more host time (~40 us) than a few eager passes over a small tensor.
+#: On the CPU a compiled call costs more host time (~40 us) than a few eager passes over a small
+#: tensor. On an H200 eager passes (eight in bf16, with their casts) cost far more GPU time on
+#: large batches than one fused kernel; on small ones, where the host is the bottleneck, the compiled
+#: call's host time costs ~10 % of an eager step, which a CUDA graph takes away (README: GPU).
 MIN_NUMEL: dict[str, int] = {"cpu": 1 << 18}
 ENABLED = True
 
@@ -63,11 +66,19 @@ class Fused:
         if self._compiled is None:  # shape-generic: one compile serves every layer and batch size
             fn = self.fused_fn
             self._compiled = torch.compile(_writer(fn) if self.overwrite else _own_code(fn), dynamic=True)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # compiling cannot be recorded (it copies to the device): a call the warm-up steps did not
+            # compile for (seen once on an H200, mid-benchmark) runs eagerly in the graph
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return self._compiled(x, *rest)
+            except RuntimeError as err:
+                if "recompil" not in str(err).lower():
+                    raise
+                return self.fn(x, *rest)
         try:
             return self._compiled(x, *rest)
         except Exception as err:  # no compiler, unsupported device: say so once, then stay eager
-            if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise  # a failure inside a CUDA graph's recording is the recording's, not the compiler's
             self._broken = True
             reason = " ".join(str(err).split())[:160] or type(err).__name__
             print(f"ekdaa: {self.name} runs unfused (torch.compile is unavailable here: {reason})", file=sys.stderr)

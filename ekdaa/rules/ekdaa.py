@@ -116,8 +116,9 @@ def _wide(t: Tensor) -> Tensor:
 
 
 def _in_float32(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``fn`` taking its small difference in float32 and returning the input's dtype (a fused pass
-    does this in registers; eagerly it costs casts in and one out)."""
+    """``fn`` taking its small difference in float32 and returning the input's dtype: eagerly at the
+    cost of casts in and one out; fused, in registers (and where torch.compile runs the function
+    eagerly after all, e.g. under a TorchDispatchMode, tanh_by_exp in bf16 would lose e altogether)."""
     def error_map(x: Tensor, d: Tensor, step: float | Tensor, scale: float, z: Tensor | None = None) -> Tensor:
         if x.dtype not in (torch.float16, torch.bfloat16):
             return fn(x, d, step, scale, z)
@@ -147,7 +148,7 @@ def error_map_kernel(activation: nn.Module, tau: float | None, from_output: bool
         # from_output: z is the layer's output, which its user may hold: into a new tensor
         _KERNELS[key] = Fused(_in_float32(_error_map_fn(activation, tau, from_output, torch.tanh)),
                               f"EKDAA's error map ({type(activation).__name__})", overwrite=not from_output,
-                              fused_fn=_error_map_fn(activation, tau, from_output, tanh_by_exp))
+                              fused_fn=_in_float32(_error_map_fn(activation, tau, from_output, tanh_by_exp)))
     return _KERNELS[key]
 
 
