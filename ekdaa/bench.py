@@ -106,8 +106,8 @@ class _Setup:
         _sync(self.device)
         return (time.perf_counter() - start) * 1e3 / steps
 
-    def memory(self) -> int:
-        """Bytes one step needs, as defined in the module docstring."""
+    def memory(self) -> int | None:
+        """Bytes one step needs, as defined in the module docstring (None: not measurable here)."""
         if self.device.type == "cuda":
             _sync(self.device)
             # under a graph .grad stays allocated between steps; eager steps free it: count it alike
@@ -146,18 +146,17 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _cpu_peak(step) -> int:
+def _cpu_peak(step) -> int | None:
     """Peak bytes allocated during ``step()`` above what was allocated before it, from the allocation
-    timeline of torch's profiler (its memory profile, a private API: 0 where it is missing)."""
+    timeline of torch's profiler (its memory profile, a private API: None where it is missing)."""
     from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
     try:
         from torch.profiler._memory_profiler import Action
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
-            step()
         timeline = prof._memory_profile().timeline
-    except (ImportError, AttributeError, RuntimeError):
-        return 0
+    except (ImportError, AttributeError):
+        return None
     now = peak = 0
     for _, action, _, size in timeline:
         now += size if action == Action.CREATE else -size if action == Action.DESTROY else 0

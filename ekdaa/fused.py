@@ -1,13 +1,14 @@
 """One pass over memory for elementwise work in a backward pass.
 
 :class:`Fused` wraps a pure elementwise function. On tensors of at least ``MIN_NUMEL[device type]``
-elements (on a GPU, any) it runs ``torch.compile`` of it: one kernel, one read of each input, one write, and
-(``overwrite``) the result written over the first argument, which the caller no longer needs,
-instead of into a fresh tensor (on CPU a fresh large tensor page-faults in). Scalars should come
-as 0-dim tensors, so that a new value is no new compile. Smaller tensors, and calls while a
-whole model is being compiled, run the eager function; where compilation is impossible (no C++
-compiler on CPU, an unsupported device) the first failure prints one notice and every later
-call runs eagerly. ``ENABLED = False`` turns fusion off (the benchmark compares both).
+elements (on a GPU, any) it runs ``torch.compile`` of it: one kernel, one read of each input, one
+write, and (``overwrite``) the result written over the first argument, which the caller no longer
+needs, instead of into a fresh tensor (on CPU a fresh large tensor page-faults in). Scalars may be
+Python numbers: Dynamo treats floats as symbols (torch >= 2.6), so a new value is no new compile.
+Smaller tensors, and calls while a whole model is being compiled, run the eager function; where
+compilation is impossible (no C++ compiler on CPU, an unsupported device) the first failure prints
+one notice and every later call runs eagerly. ``ENABLED = False`` turns fusion off (the benchmark
+compares both).
 
 Writing over an input is safe where nothing else needs it after the backward that consumes
 it; autograd checks the rest: a second backward through the same graph (``retain_graph=True``)

@@ -130,13 +130,15 @@ def conv_args(layer: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
 
 #: The attribute by which an autograd node (a custom Function's ctx) says that its output is z = f(h)
 #: with h its first saved tensor, and names f: EKDAA's error map, which keeps h for its own backward.
+#: Such a node also has attributes ``h`` and ``z`` (None until this backward looks them up).
 RECOMPUTE = "recompute_output"
 
 
 def recomputable(x: Tensor) -> tuple[Any, tuple | None] | None:
     """``(node, view)`` when ``x`` is z = f(h), or a view of it (``view``: its size, stride and
     offset), made by a node that keeps h (:data:`RECOMPUTE`): a backward that needs x then keeps
-    nothing and gets x back from :func:`recompute` (or takes h for z's shape and layout); else None."""
+    nothing and gets x back from :func:`recompute` (or h, for z's shape and layout, from
+    :func:`kept_input`); else None."""
     if torch.compiler.is_compiling():  # the compiler chooses what to keep
         return None
     z = x if x._base is None else x._base
@@ -145,12 +147,20 @@ def recomputable(x: Tensor) -> tuple[Any, tuple | None] | None:
     return z.grad_fn, None if z is x else (x.size(), x.stride(), x.storage_offset())
 
 
+def kept_input(node: Any) -> Tensor:
+    """The h a :data:`RECOMPUTE` node keeps, unpacked once per backward (saved-tensor hooks, such as
+    activation checkpointing's, allow one unpack) and left on the node (``node.h``) for its own backward."""
+    if node.h is None:
+        node.h = node.saved_tensors[0]
+    return node.h
+
+
 def recompute(node: Any, view: tuple | None) -> Tensor:
     """The input x that :func:`recomputable` described: z = f(h), computed once per backward and
-    left on the node (as ``node.z``) for the node's own backward and for z's other users."""
+    left on the node (``node.z``) for the node's own backward and for z's other users."""
     z = node.z
     if z is None:
-        node.z = z = getattr(node, RECOMPUTE)(node.saved_tensors[0])
+        node.z = z = getattr(node, RECOMPUTE)(kept_input(node))
     return z if view is None else z.as_strided(*view)  # f(h) is laid out as z was
 
 
@@ -191,16 +201,17 @@ class _FeedbackFn(torch.autograd.Function):
         if sender.dtype != e.dtype:  # the feedback cast as autocast casts W
             sender = sender.to(e.dtype)
         if ctx.conv is None:
-            d = (e.mm(sender) if e.dim() == 2 else e.matmul(sender)) if need_x else None
-            dw = (e.t().mm(x) if e.dim() == 2 else e.flatten(0, -2).t().mm(x.flatten(0, -2))
-                  ) if need_w or need_f else None
-            db = (e.sum(0) if e.dim() == 2 else e.flatten(0, -2).sum(0)) if need_b else None
+            d = e.matmul(sender) if need_x else None
+            e2, x2 = (e, x) if e.dim() == 2 else (e.reshape(-1, e.shape[-1]), x.reshape(-1, x.shape[-1]))
+            dw = e2.t().mm(x2) if need_w or need_f else None
+            db = e2.sum(0) if need_b else None
         else:
             bias_sizes = [weight.shape[0]] if ctx.has_bias else None
             d, dw, db = torch.ops.aten.convolution_backward(
                 e, x, sender, bias_sizes, *ctx.conv, False, [0, 0], 1, [need_x, need_w or need_f, need_b])
         # dF = dW, the same tensor: autograd never lets two .grad share storage, and copies it only where
-        # it must (into a .grad that is None; a cast to the parameters' dtype is a copy already)
+        # it must (into a .grad that is None; a cast to the parameters' dtype is a copy already). A tensor
+        # hook on W and F, or torch.autograd.grad(loss, [W, F]), sees that one tensor twice.
         return d, dw if need_w else None, db, dw if need_f else None, None
 
 

@@ -104,7 +104,7 @@ def test_ekdaa_keeps_no_more_than_backprop(model, amp):
 
 
 @pytest.mark.parametrize("rule", ["ekdaa", "kolen-pollack"])
-def test_bf16_gradients_land_in_float32_as_close_to_float32s_as_backprops_and_apart(rule):
+def test_bf16_gradients_land_in_float32_as_close_to_float32s_as_backprops(rule):
     """bf16's rounding moves backprop's gradients off float32's (first layer: 1 - cosine ~0.012); the
     rules' feedback tensors add up to about twice that, EKDAA's error map nothing more (it once moved
     the first layer to 0.11, mixing a bf16 z with a float32 f(h~))."""
@@ -115,12 +115,9 @@ def test_bf16_gradients_land_in_float32_as_close_to_float32s_as_backprops_and_ap
         assert all(g.dtype == torch.float32 for g in got.values())
         return net, {n: F.cosine_similarity(g.flatten(), ref[n].flatten(), dim=0).item() for n, g in got.items()}
     _, bp = cosines("bp")
-    net, got = cosines(rule)
+    _, got = cosines(rule)
     for name, cos in bp.items():
         assert 1 - got[name] <= 3 * (1 - cos) + 1e-4, (name, got[name], cos)
-    layers = [m for m in net.modules() if hasattr(m, ekdaa.RULES[rule].feedback_name)]
-    for m in layers:
-        assert m.weight.grad.data_ptr() != getattr(m, ekdaa.RULES[rule].feedback_name).grad.data_ptr()
 
 
 def grads(net, x, y, amp):
@@ -143,3 +140,17 @@ def test_kept_gradients_accumulate_apart():
         torch.testing.assert_close(p.grad, 2 * once[name], rtol=1e-5, atol=1e-7, msg=name)
     conv = net[0]
     assert conv.weight.grad.data_ptr() != conv.error_kernel.grad.data_ptr()
+
+
+def test_ekdaa_compile_passes_its_inductor_options_whatever_the_mode(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.append(kwargs) or model)
+    net = torch.nn.Linear(2, 2)
+    ekdaa.compile(net)
+    ekdaa.compile(net, mode="max-autotune", options={"coordinate_descent_tuning": False})
+    ekdaa.compile(net, backend="aot_eager")
+    assert seen[0] == {"options": ekdaa.rules.COMPILE_OPTIONS}
+    assert "mode" not in seen[1] and seen[1]["options"]["max_autotune"] is True
+    assert seen[1]["options"]["coordinate_descent_tuning"] is False  # the caller's own options win
+    assert all(seen[1]["options"][k] == v for k, v in ekdaa.rules.COMPILE_OPTIONS.items())
+    assert seen[2] == {"backend": "aot_eager"}

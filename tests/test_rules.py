@@ -630,6 +630,41 @@ def test_state_dict_round_trip_keeps_feedback():
             assert torch.equal(v, state[k]), (rule, k)
 
 
+@pytest.mark.parametrize("model", ["cnn", "resnet"])
+def test_ekdaa_under_activation_checkpointing_matches_plain(model):
+    """A layer fed z recomputes it from the h its error map keeps, unpacking h once per backward, as
+    checkpointing's saved-tensor hooks require; a max-pool keeps nothing of its input."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    if model == "cnn":
+        net, x, cut = make_net(), batch()[0], 4  # conv, tanh, pool, conv | tanh, flatten, linear, ...
+    else:
+        net, x, cut = build_model("resnet20", (3, 8, 8), 5), torch.randn(7, 3, 8, 8), 4
+    y = batch()[1]
+    m = ekdaa.convert(net, "ekdaa", beta=0.9, error_kernel_init="random")
+    want = grads_of(m, x, y)
+    m.zero_grad(set_to_none=True)
+    F.cross_entropy(m[cut:](checkpoint(m[:cut], x, use_reentrant=False)), y).backward()
+    for name, p in m.named_parameters():
+        if name in want:
+            assert_close_rel(p.grad, want[name], name=name)
+
+
+def test_linear_layers_take_unbatched_and_higher_rank_inputs():
+    torch.manual_seed(0)
+    for shape in [(6,), (2, 3, 6)]:
+        x = torch.randn(*shape)
+        for rule in ("fa", "ekdaa"):
+            net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+            plain = copy.deepcopy(net)
+            (ekdaa.convert(net, rule)(x) ** 2).sum().backward()
+            (plain(x) ** 2).sum().backward()
+            want = dict(plain.named_parameters())
+            for name in ("2.weight", "2.bias"):  # the output layer's update is backprop's under every rule
+                assert_close_rel(net.get_parameter(name).grad, want[name].grad, name=f"{rule} {shape} {name}")
+            assert net[0].weight.grad.shape == net[0].weight.shape and net[0].weight.grad.norm() > 0
+
+
 def test_grads_do_not_alias():
     model = ekdaa.convert(make_net(), "ekdaa")
     x, y = batch()

@@ -56,10 +56,13 @@ COMPILE_OPTIONS: dict[str, Any] = {"reorder_for_peak_memory": False}
 
 
 def compile(model: nn.Module, **kwargs: Any) -> nn.Module:
-    """``torch.compile(model, **kwargs)``, with :data:`COMPILE_OPTIONS` for the Inductor backend. A
-    converted model compiles to one graph under every rule; its ``.grad`` match eager."""
-    if kwargs.get("backend", "inductor") == "inductor" and "mode" not in kwargs:
-        kwargs["options"] = {**COMPILE_OPTIONS, **kwargs.get("options", {})}
+    """``torch.compile(model, **kwargs)``, with :data:`COMPILE_OPTIONS` for the Inductor backend (a
+    ``mode`` is passed as the options it stands for). A converted model compiles to one graph under
+    every rule; its ``.grad`` match eager."""
+    if kwargs.get("backend", "inductor") == "inductor":
+        mode = kwargs.pop("mode", None)
+        modes = torch._inductor.list_mode_options(mode) if mode else {}
+        kwargs["options"] = {**modes, **COMPILE_OPTIONS, **kwargs.get("options", {})}
     return torch.compile(model, **kwargs)
 
 

@@ -23,10 +23,11 @@ evaluating one. The literal error map z - f(h~) of a sign unit is 0 or +-2 whate
 Implementation: a weight layer keeps its forward and sends its error map down
 through its *error kernel* E (``error_kernel``, a Parameter of W's shape whose
 ``.grad`` is dW). Each activation module becomes an :class:`ErrorMap` whose
-backward turns the arriving d into the error map e, on large tensors in one fused
-pass written over the dead pre-activation h (:mod:`ekdaa.fused`; a forward hook that
-keeps h sees it overwritten after backward: clone it there; for ``retain_graph=True`` set
-``ekdaa.fused.ENABLED = False``). gamma is E's learning rate
+backward turns the arriving d into the error map e, in one fused pass (on a GPU at any
+size, on the CPU on large tensors) written over the dead pre-activation h (:mod:`ekdaa.fused`;
+a forward hook that keeps h sees it overwritten after backward: clone it there; for
+``retain_graph=True`` set ``ekdaa.fused.ENABLED = False``). It keeps h, not z: a layer fed z
+recomputes it from h in its backward, so a step keeps one activation per layer, as backprop does. gamma is E's learning rate
 relative to W's: ``ekdaa.param_groups`` puts E in a group with ``lr = gamma * lr``,
 which under SGD is exactly dE = gamma * dW at W's learning rate and, unlike scaling
 E's gradient, stays meaningful under Adam. With gamma = 0, E is frozen.
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..fused import Fused
-from ..layers import RECOMPUTE, Sign, activation_function, recomputable
+from ..layers import RECOMPUTE, Sign, activation_function, kept_input, recomputable
 from .base import NORM_BACKWARD, ConversionError, Option, Rule, random_feedback
 
 
@@ -122,7 +123,7 @@ def _in_float32(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     def error_map(x: Tensor, d: Tensor, step: float | Tensor, scale: float, z: Tensor | None = None) -> Tensor:
         if x.dtype not in (torch.float16, torch.bfloat16):
             return fn(x, d, step, scale, z)
-        return fn(x.float(), d.float(), step, scale, None if z is None else z.float()).to(x.dtype)
+        return fn(x.float(), d.float(), step, scale).to(x.dtype)  # a 16-bit z is never given: see backward
     return error_map
 
 
@@ -169,13 +170,13 @@ class _ErrorMapFn(torch.autograd.Function):
         # over h only where h is a layer's fresh output, not data or a view (compiled: the compiler decides)
         ctx.fuse = not torch.compiler.is_compiling() and h.grad_fn is not None and h._base is None
         setattr(ctx, RECOMPUTE, error_map.f)
-        ctx.z = None  # z, once a layer fed it has recomputed it
+        ctx.h = ctx.z = None  # h and z, once a layer fed z has looked them up (ekdaa.layers.recompute)
         ctx.save_for_backward(h)
         return z
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors  # h (z if from_output)
+        x = kept_input(ctx) if hasattr(ctx, "h") else ctx.saved_tensors[0]  # h (z if from_output)
         m: ErrorMap = ctx.error_map
         rule = m.rule
         n = grad.shape[0] if rule.loss_reduction == "mean" else 1  # grad = d / n under a batch-mean loss
@@ -187,7 +188,7 @@ class _ErrorMapFn(torch.autograd.Function):
             else:  # relative: d * rms(h), per sample: beta on the pre-activation's scale
                 step = step * _wide(x).square().mean(**per_sample).sqrt()
         z = getattr(ctx, "z", None)
-        ctx.z = None  # freed with this backward, not with the graph
+        ctx.h = ctx.z = None  # freed with this backward, not with the graph
         # a recomputed z saves the kernel an f(h): worth a read on the CPU, not on a GPU; a 16-bit z would
         # bring its rounding (2^-9 of z) into e's small difference, which the kernel forms in float32
         if not m.literal or x.device.type != "cpu" or z is not None and z.dtype in (torch.float16, torch.bfloat16):
@@ -198,8 +199,9 @@ class _ErrorMapFn(torch.autograd.Function):
 
 class ErrorMap(nn.Module):
     """An activation whose backward is EKDAA's error map (forward unchanged), formed through
-    the activation itself or, with ``tau``, through its smooth stand-in. f and the kernel are
-    bound at conversion; beta and the other options are read from the rule at each backward."""
+    the activation itself or, with ``tau``, through its smooth stand-in. f, the target function and
+    ``error_map_from`` are fixed at conversion; beta, ``error_norm`` and ``loss_reduction`` are read
+    from the rule at each backward (a schedule may change beta)."""
 
     def __init__(self, activation: nn.Module, rule: "EKDAA", tau: float | None = None):
         super().__init__()
@@ -223,14 +225,14 @@ class _MaxPoolFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, pool: "MaxPool2d") -> Tensor:
         out, indices = F.max_pool2d(x, *pool.args, pool.ceil_mode, return_indices=True)
         node, view = (recomputable(x) if x.device.type in ("cpu", "cuda") else None) or (None, None)  # MPS reads x
-        like = x if node is None or view is not None else node.saved_tensors[0]  # h: z's shape and layout
-        ctx.pool = pool
-        ctx.save_for_backward(like, indices)
+        ctx.pool, ctx.node = pool, node if view is None else None
+        ctx.save_for_backward(x if ctx.node is None else None, indices)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        like, indices = ctx.saved_tensors
+        x, indices = ctx.saved_tensors
+        like = x if ctx.node is None else kept_input(ctx.node)  # h: z's shape and layout
         pool = ctx.pool
         return torch.ops.aten.max_pool2d_with_indices_backward(grad, like, *pool.args, pool.ceil_mode, indices), None
 
