@@ -141,9 +141,9 @@ def _error_map_fn(activation: nn.Module, tau: float | None, from_output: bool,
 def error_map_kernel(activation: nn.Module, tau: float | None, from_output: bool) -> Fused:
     """The error map of ``activation`` (through its smooth stand-in if ``tau`` is given; from
     its output alone if ``from_output``): ``kernel(x, d, step, scale, z=None)`` with x = h (z if
-    ``from_output``; z = f(h) where already computed, literal target only), as one fused pass on
-    large tensors, shared by every layer with the same activation; fused, a difference of two tanh
-    values evaluates them as :func:`tanh_by_exp`."""
+    ``from_output``; z = f(h) where already computed, literal target only), as one fused pass (on a
+    GPU at any size, on the CPU on large tensors), shared by every layer with the same activation;
+    fused, a difference of two tanh values evaluates them as :func:`tanh_by_exp`."""
     key = (type(activation), activation.extra_repr(), tau, from_output)
     if key not in _KERNELS:
         # from_output: z is the layer's output, which its user may hold: into a new tensor
@@ -193,7 +193,7 @@ class _ErrorMapFn(torch.autograd.Function):
         # bring its rounding (2^-9 of z) into e's small difference, which the kernel forms in float32
         if not m.literal or x.device.type != "cpu" or z is not None and z.dtype in (torch.float16, torch.bfloat16):
             z = None
-        error_map = m.kernel if ctx.fuse else m.kernel.fn  # fused where large, or eager into a new tensor
+        error_map = m.kernel if ctx.fuse else m.kernel.fn  # over h (fused where it pays), or into a new tensor
         return error_map(x, grad, step, 1 / n, z), None
 
 
@@ -219,7 +219,7 @@ class ErrorMap(nn.Module):
 class _MaxPoolFn(torch.autograd.Function):
     """Max-pool forward; backward sends d to the winning unit with autograd's own kernel, which
     reads the winners' indices and only the shape of the pool's input: it keeps the indices and, for
-    the shape, the h of the error map that made the input (kept there anyway), not z."""
+    the shape, takes the h that the error map which made the input keeps anyway (not z)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, pool: "MaxPool2d") -> Tensor:
