@@ -111,9 +111,14 @@ FROM_OUTPUT: dict[type[nn.Module], Callable[..., Tensor]] = {nn.Tanh: _tanh_from
 _KERNELS: dict[tuple, Fused] = {}
 
 
+def _half(t: Tensor) -> bool:
+    """Whether ``t`` is in a 16-bit float type."""
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
 def _wide(t: Tensor) -> Tensor:
     """``t`` in float32 if it is in a 16-bit float type, else as it is."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t.float() if _half(t) else t
 
 
 def _in_float32(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -121,7 +126,7 @@ def _in_float32(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     cost of casts in and one out; fused, in registers (and where torch.compile runs the function
     eagerly after all, e.g. under a TorchDispatchMode, tanh_by_exp in bf16 would lose e altogether)."""
     def error_map(x: Tensor, d: Tensor, step: float | Tensor, scale: float, z: Tensor | None = None) -> Tensor:
-        if x.dtype not in (torch.float16, torch.bfloat16):
+        if not _half(x):
             return fn(x, d, step, scale, z)
         return fn(x.float(), d.float(), step, scale).to(x.dtype)  # a 16-bit z is never given: see backward
     return error_map
@@ -176,8 +181,8 @@ class _ErrorMapFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x = kept_input(ctx) if hasattr(ctx, "h") else ctx.saved_tensors[0]  # h (z if from_output)
         m: ErrorMap = ctx.error_map
+        x = ctx.saved_tensors[0] if m.from_output else kept_input(ctx)  # z, or h (once per backward)
         rule = m.rule
         n = grad.shape[0] if rule.loss_reduction == "mean" else 1  # grad = d / n under a batch-mean loss
         step = rule.beta * n  # h~ = h - beta * d = h - step * grad
@@ -191,7 +196,7 @@ class _ErrorMapFn(torch.autograd.Function):
         ctx.h = ctx.z = None  # freed with this backward, not with the graph
         # a recomputed z saves the kernel an f(h): worth a read on the CPU, not on a GPU; a 16-bit z would
         # bring its rounding (2^-9 of z) into e's small difference, which the kernel forms in float32
-        if not m.literal or x.device.type != "cpu" or z is not None and z.dtype in (torch.float16, torch.bfloat16):
+        if not m.literal or x.device.type != "cpu" or z is not None and _half(z):
             z = None
         error_map = m.kernel if ctx.fuse else m.kernel.fn  # over h (fused where it pays), or into a new tensor
         return error_map(x, grad, step, 1 / n, z), None
