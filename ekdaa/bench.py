@@ -44,6 +44,7 @@ from .graphs import GraphedStep, set_capturable
 from .models import build_model
 from .rules import RULES, convert, param_groups
 from .rules import compile as compile_model
+from .train import keep_freed_memory
 
 INPUT_SHAPE = (3, 32, 32)
 HOST_SHAPE = (3, 8, 8)  # the smallest input paper-cnn's three pools take: the host-bound row, at batch 1
@@ -231,7 +232,7 @@ def _run(variants: dict[str, dict[str, Any]], batch: int, shape: tuple[int, ...]
                  ops_ratio_to_bp=ratio(ops[name], ops["bp"])) for name in setups]
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -266,7 +267,7 @@ def _rule_list(text: str) -> list[str]:
 
 def _batch_list(text: str) -> list[int]:
     try:
-        return [_positive(part) for part in text.split(",")]
+        return [positive_int(part) for part in text.split(",")]
     except argparse.ArgumentTypeError:
         message = f"invalid batch sizes {text!r}: give positive integers separated by commas, e.g. 50,256"
         raise argparse.ArgumentTypeError(message) from None
@@ -278,8 +279,8 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"comma list from {', '.join(RULES)}, each optionally with rule options as "
                         "RULE:option=value (e.g. ekdaa:error_map_from=output); bp is always included")
     parser.add_argument("--batch-sizes", type=_batch_list, default=[50, 256], help="comma list")
-    parser.add_argument("--steps", type=_positive, default=5, help="timed steps per block")
-    parser.add_argument("--repeats", type=_positive, default=5, help="blocks per rule")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps per block")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="blocks per rule")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--amp", choices=list(AMP_DTYPES), default="none",
                         help="bf16: forward and loss under torch.autocast")
@@ -294,7 +295,7 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "--device cuda)")
     parser.add_argument("--no-host", dest="host", action="store_false",
                         help="leave out the host-bound row (batch 1 of 3x8x8 images)")
-    parser.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--table", metavar="JSON", help="print the Markdown table of a saved --json result "
                         "(for the README) and run nothing")
@@ -352,6 +353,8 @@ def execute(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as a training run does: no page faults from malloc's trimming in the timings
     rows = run(args.rules, args.batch_sizes, args.steps, args.repeats, device, args.amp,
                args.channels_last, args.compile, args.unfused, args.cuda_graph, args.host)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

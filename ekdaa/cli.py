@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .analysis import ATTACKS, PICTURES, SCORE_ATTACKS
-from .config import Diverged, TrainConfig, TrainError
+from .config import Diverged, Stopped, TrainConfig, TrainError
 from .data import DATASETS, DataError
 from .models import RECOMMENDED
 from .rules import ConversionError
@@ -44,14 +44,15 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     """defaults < --config file (TOML, or a run's config.json) < flags; with --resume the run's
-    own config takes the place of the defaults and the file."""
+    own config (its checkpoint's) takes the place of the defaults and the file."""
     values: dict[str, Any] = {}
     if args.resume:
         if not args.out:
             raise TrainError("--resume needs --out RUN_DIR, the run to continue")
         if args.config:
             raise TrainError("--resume continues a run with its own config: drop --config")
-        values = dataclasses.asdict(TrainConfig.load(args.out))
+        from .checkpoint import run_config
+        values = dataclasses.asdict(run_config(args.out))
     elif args.config and args.config.endswith(".json"):
         values = dataclasses.asdict(TrainConfig.load(args.config))
         values["out"] = None  # a new run: its own --out
@@ -75,8 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     try:
         summary = train(cfg, resume=args.resume)
-    finally:
+    except BaseException:
         teardown()
+        raise
+    teardown(finished=True)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: summary[k] for k in ("rule", "dataset", "epochs", "test_accuracy", "seconds")}))
     return 0
@@ -170,7 +173,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce
     seeds = [int(s) for s in args.seeds] if args.seeds else None
     records = reproduce(args.suite, args.datasets, args.rules, seeds, args.activations, args.data_dir, args.device,
-                        args.results, download=args.download, dry_run=args.dry_run)
+                        args.results, args.runs, download=args.download, dry_run=args.dry_run)
     if not args.dry_run:
         print(f"{len(records)} finished runs under {args.results}; write the table with: ekdaa report")
     return 0
@@ -222,6 +225,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", help="folder with one sub-folder per dataset")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     r.add_argument("--results", default="results", help="where run records go (default results)")
+    r.add_argument("--runs", default="runs", help="where the runs' own directories (checkpoints) go, so that "
+                   "an interrupted run resumes from there (default runs)")
     r.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download missing datasets; with --no-download a dataset whose files are absent is "
                    "skipped and noted for the report (default on)")
@@ -248,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (written by train --out)")
     v.add_argument("--what", choices=(*PICTURES, "all"), default="all", help="which picture (default all)")
     v.add_argument("--out", default="results/figures", help="folder for the PNGs (default results/figures)")
-    v.add_argument("--tsne-samples", type=int, default=1000, help="first N test images for t-SNE (default 1000)")
+    v.add_argument("--tsne-samples", type=_count, default=1000, help="first N test images for t-SNE (default 1000)")
     _analysis_options(v)
     v.set_defaults(func=cmd_visualize)
 
@@ -261,7 +266,8 @@ def parser() -> argparse.ArgumentParser:
                    "pgd (gradient; transfer with --substitute), square (queries the target's outputs only; "
                    "--summary) (default fgsm)")
     a.add_argument("--summary", action="store_true", help="summarise over seeds: summary.json/md/png in --out")
-    a.add_argument("--queries", type=int, default=300, help="Square Attack queries per image (default 300)")
+    a.add_argument("--queries", type=bench.positive_int, default=300,
+                   help="Square Attack queries per image (default 300)")
     a.add_argument("--eps", type=_eps_list, default=[0.0, 2.0, 4.0, 8.0], help="comma-separated epsilons "
                    "(default 0,2,4,8)")
     a.add_argument("--eps-unit", type=float, default=255.0, help="eps is in 1/UNIT of the pixel range "
@@ -269,8 +275,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--substitute", metavar="RUN_DIR", action="append", help="craft on this run (e.g. an "
                    "independent bp run) and transfer to the targets (black-box); repeat it with --summary; "
                    "default: white-box on each target")
-    a.add_argument("--samples", type=int, default=1000, help="first N test images (0: all; default 1000)")
-    a.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
+    a.add_argument("--samples", type=_count, default=1000, help="first N test images (0: all; default 1000)")
+    a.add_argument("--steps", type=bench.positive_int, default=10, help="PGD steps (default 10)")
     a.add_argument("--out", default="results/robustness", help="folder for the table and plot "
                    "(default results/robustness)")
     _analysis_options(a)
@@ -285,12 +291,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Diverged as err:
         print(f"ekdaa: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as err:
+        if os.environ.get("RANK", "0") == "0":  # every process stopped at the same step: one says so
+            print(f"ekdaa: {err}", file=sys.stderr)
+        return 128 + err.signum
     except (TrainError, DataError, ConversionError, ValueError) as err:
         print(f"ekdaa: error: {err}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the output's reader stopped early (| head): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as err:  # a path given that cannot be read or written
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"ekdaa: error: {where}{err.strerror or err}: check the path, its permissions and the free space "
+              "there", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ekdaa: interrupted (a single-process run with --out saved its checkpoint at the last step: "
               "continue it with --resume)", file=sys.stderr)

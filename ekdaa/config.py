@@ -17,9 +17,9 @@ from .rules import RULES, ConversionError, Option
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "step")
 AMP = ("none", "bf16")
-#: TrainConfig fields that say where and how fast a run computes, not what: a resumed run may
-#: change them (and ``epochs``, to extend it); any other change is refused.
-MACHINE_FIELDS = ("out", "device", "data_dir", "download", "eval_batch_size", "compile", "cuda_graph")
+#: TrainConfig fields that say where and how fast a run computes, not what (or when it gives up):
+#: a resumed run may change them (and ``epochs``, to extend it); any other change is refused.
+MACHINE_FIELDS = ("out", "device", "data_dir", "download", "eval_batch_size", "compile", "cuda_graph", "max_loss")
 
 
 class TrainError(Exception):
@@ -27,7 +27,16 @@ class TrainError(Exception):
 
 
 class Diverged(TrainError):
-    """NaN/inf loss or parameters; the last good checkpoint is kept."""
+    """NaN/inf loss or parameters, or a loss past ``max_loss``; the last good checkpoint is kept."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (Ctrl-C's SIGINT, SIGTERM, SIGUSR1) ended training at a step boundary, after the
+    checkpoint was written; ``signum`` says which (exit status 128 + signum)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def _option(default: Any, help: str, group: str, choices: Callable[[], Any] | tuple | None = None,
@@ -60,6 +69,9 @@ class _RunFields:
     lr: float = _option(0.001, "learning rate", OPTIMISATION, minimum=0, strict=True)
     momentum: float = _option(0.9, "SGD momentum", OPTIMISATION, minimum=0)
     weight_decay: float = _option(0.0, "weight decay, also on learned feedback", OPTIMISATION, minimum=0)
+    max_loss: float = _option(0.0, "stop as diverged (exit 2, last good checkpoint kept) once the epoch's mean "
+                              "training loss passes this; 0: 100 x chance's, 100 ln(classes)", OPTIMISATION,
+                              minimum=0)
     lr_schedule: str = _option("none", "per-epoch schedule: cosine to 0, or x0.1 every epochs/3", OPTIMISATION,
                                choices=SCHEDULES)
     data_dir: str | None = _option(None, "folder with one sub-folder per dataset (fashion-mnist/, cifar-10/, "

@@ -44,6 +44,10 @@ def setup(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def teardown() -> None:
+def teardown(finished: bool = False) -> None:
+    """Leave the process group; after a finished run every rank first waits for the others, so that
+    none tears down the group while another still uses it (a failed run leaves at once)."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

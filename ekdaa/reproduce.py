@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator
 
 from .data import DataError, missing_files
 from .rules import RULES
+from .checkpoint import read_metrics
 from .config import MACHINE_FIELDS, Diverged, TrainConfig, TrainError
 from .train import train
 
@@ -159,6 +160,9 @@ def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[
     name = suite["suite"]["name"]
     done, skipped, failed = [], {}, {}
     origin = provenance(name)  # the code this process runs
+    if not dry_run:  # before hours of training, not after
+        for folder, flag in ((Path(results) / name, "--results"), (Path(runs_dir) / name, "--runs")):
+            _check_writable(folder, flag)
     for run in plan(suite, datasets, rules, seeds, activations):
         ds = run.config.dataset
         record = Path(results) / name / ds / run.name
@@ -203,13 +207,24 @@ def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[
     return done
 
 
+def _check_writable(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise TrainError(f"{flag} {folder}: cannot write there ({err.strerror}): choose a writable "
+                         "folder") from None
+
+
 # -- the report ------------------------------------------------------------------
 
 def _records(results: Path) -> Iterator[dict[str, Any]]:
     for summary in sorted(results.glob("*/*/*/summary.json")):
         folder = summary.parent
         prov = json.loads((folder / "provenance.json").read_text())
-        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+        metrics = read_metrics(folder / "metrics.jsonl")
         yield dict(folder=folder, summary=json.loads(summary.read_text()), provenance=prov, metrics=metrics,
                    suite=folder.parts[-3], dataset=folder.parts[-2])
 

@@ -3,13 +3,16 @@
 :class:`Run` reads top to bottom: prepare the data, build model, optimizer and schedule
 (restored from the checkpoint on resume), then per epoch train, evaluate, log and write
 the run directory (:mod:`ekdaa.checkpoint`: ``config.json``, ``metrics.jsonl``,
-``summary.json``, ``checkpoint.pt``, atomically, at every epoch end and on Ctrl-C).
-``resume=True`` continues bit-for-bit from the checkpoint.
+``summary.json``, ``checkpoint.pt``, ``train.log``, atomically, at every epoch end and when a stop
+signal arrives). ``resume=True`` continues bit-for-bit from the checkpoint. The directory is locked to
+the run while it lives (:class:`ekdaa.checkpoint.RunLock`).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -27,8 +30,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .checkpoint import TrainState, load_checkpoint, load_model, save_checkpoint, train_state, write_atomic
-from .config import (AMP, MACHINE_FIELDS, OPTIMIZERS, SCHEDULES, Diverged, TrainConfig, TrainError,
+from .checkpoint import (RunLock, TrainState, load_checkpoint, load_model, read_metrics, remove_temporary_files,
+                         save_checkpoint, train_state, write_atomic)
+from .config import (AMP, MACHINE_FIELDS, OPTIMIZERS, SCHEDULES, Diverged, Stopped, TrainConfig, TrainError,
                      resolve_device, resumed_config)
 from .data import Normalizer, augment, batches, load_dataset, split_validation
 from .graphs import GraphedStep, set_capturable
@@ -37,7 +41,7 @@ from .models import build_model
 from .rules import compile as compile_model
 from .rules import convert, param_groups
 
-__all__ = ["AMP", "MACHINE_FIELDS", "OPTIMIZERS", "SCHEDULES", "Data", "Diverged", "Run", "TrainConfig",
+__all__ = ["AMP", "MACHINE_FIELDS", "OPTIMIZERS", "SCHEDULES", "Data", "Diverged", "Run", "Stopped", "TrainConfig",
            "TrainError", "build", "evaluate", "evaluate_checkpoint", "load_checkpoint", "load_model",
            "prepare_data", "train"]
 
@@ -157,9 +161,28 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, Tensor], device: torch
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse (no trimming; mmap only above 32 MB, its
+    largest threshold) instead of handing it back to the OS after each step, whose pages the next
+    step then faults in again: on the CPU that costs a paper-cnn step 5-10 % (README: "Benchmark").
+    Process-wide; the resident size stays at the run's peak, as it is mid-step anyway. Returns
+    whether it applied (False without glibc, e.g. on macOS)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long))
+                and mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def environment() -> dict[str, Any]:
     return dict(ekdaa=__version__, torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), threads=torch.get_num_threads())
+
+
+#: The signals that stop a run as Ctrl-C does (SIGTERM: what schedulers send first; SIGUSR1: a requeue)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
 # -- the loop ------------------------------------------------------------------
@@ -178,18 +201,26 @@ class Run:
             torch.cuda.set_device(self.device)
         if not self.dist.is_main:
             self.log = lambda line: None
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if cfg.cuda_graph and (self.device.type != "cuda" or self.dist.world > 1 or cfg.compile):
             raise TrainError(f"--cuda-graph needs one CUDA device, no torchrun and no --compile (this run: "
                              f"{self.device.type}, {self.dist.world} process(es), compile {cfg.compile}): "
                              "drop --cuda-graph or train on one GPU")
         self.out = Path(cfg.out) if cfg.out else None
+        self.lock, self.logfile = None, None
+        if self.out is not None and self.dist.is_main:  # before anything is written: one writer per directory
+            self.lock = RunLock(self.out)
+            remove_temporary_files(self.out)
+            self.logfile = self._open_log()
+            self.log = self._tee(self.log)
         saved = None
         if resume:
             cfg, saved = self._resume_point(cfg)
             self.cfg = cfg
-        elif self.out is not None and (self.out / "checkpoint.pt").exists():  # every rank looks
+        elif self.out is not None and any((self.out / f).exists() for f in ("checkpoint.pt", "config.json")):
             raise TrainError(f"{self.out} already holds a run: continue it with --resume or choose "
-                             "another --out")
+                             "another --out")  # every rank looks
         self.data = prepare_data(cfg, self.device)
         self.model, self.opt, self.sched = build(cfg, self.data, self.device)
         self.net = self.model  # what the step calls: DistributedDataParallel across ranks
@@ -219,11 +250,46 @@ class Run:
         if cfg.track_alignment:
             from .analysis import Tracker
             self.tracker = Tracker(self)
+        self.max_loss = cfg.max_loss or 100 * math.log(self.data.num_classes)
+        self.stop_signal, self.stopping = 0, False  # a signal seen here; one seen by any process
+        self._record(f"{'resume' if resume else 'start'} at epoch {self.state.epoch + 1} step {self.state.step}: "
+                     f"{cfg.rule} on {cfg.dataset} ({cfg.model}), {cfg.epochs} epochs, {self.device}, "
+                     f"{self.dist.world} process(es), pid {os.getpid()}")
+
+    def _open_log(self) -> Any:
+        try:
+            return open(self.out / "train.log", "a", buffering=1)
+        except OSError as err:
+            raise TrainError(f"could not write {self.out / 'train.log'} ({err.strerror}): choose another "
+                             "--out") from None
+
+    def _record(self, line: str) -> None:
+        """Append ``line`` to the run directory's train.log (main process, with --out), with the time."""
+        if self.logfile is not None:
+            self.logfile.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {line}\n")
+
+    def _tee(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        def both(line: str) -> None:
+            log(line)
+            self._record(line)
+        return both
+
+    def close(self) -> None:
+        """Let go of the run directory (its lock and log); ``fit`` does this when it returns or fails."""
+        if self.logfile is not None:
+            self.logfile.close()
+            self.logfile = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _resume_point(self, asked: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
         """The run's own config (with the changes ``asked`` may make) and its checkpoint, or a
         one-line refusal."""
         if self.out is None or not (self.out / "checkpoint.pt").exists():
+            if self.out is not None and (self.out / "config.json").exists():  # stopped before its first checkpoint
+                self.log(f"{self.out} has no checkpoint yet: its run starts from the beginning")
+                return resumed_config(TrainConfig.load(self.out), asked), None
             raise TrainError(f"--resume: no checkpoint.pt in {self.out}: start the run without --resume")
         saved = load_checkpoint(self.out / "checkpoint.pt")  # on the CPU: RNG states must stay there
         cfg = resumed_config(TrainConfig.from_dict(saved["config"]), asked)
@@ -247,10 +313,11 @@ class Run:
         self.state = train_state(saved)
         self.state.running = self.state.running.to(self.device)
         _set_rng_state(self.aug_gen, self.state.rng, self.device)
-        metrics = self.out / "metrics.jsonl"  # absent if the run stopped in its first epoch
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        self.history = [r for r in map(json.loads, filter(str.strip, lines)) if r["epoch"] <= self.state.epoch]
-        if self.dist.is_main:
+        if "history" in saved:
+            self.history = saved["history"]
+        else:  # a checkpoint written before they carried the records
+            self.history = [r for r in read_metrics(self.out / "metrics.jsonl") if r["epoch"] <= self.state.epoch]
+        if self.dist.is_main:  # metrics.jsonl as the checkpoint says, whatever happened to the file
             self._write_metrics()
 
     def checkpoint(self) -> None:
@@ -259,14 +326,25 @@ class Run:
         state = dataclasses.replace(self.state, running=self.state.running.cpu(), world=self.dist.world,
                                     rng=_rng_state(self.aug_gen, self.device))
         save_checkpoint(self.out / "checkpoint.pt", self.cfg, state, self.model, self.opt, self.sched,
-                        self.data.normalizer, self.data.image_shape, self.data.num_classes)
+                        self.data.normalizer, self.data.image_shape, self.data.num_classes, self.history)
 
-    def _check_finite(self, loss_sum: Tensor) -> None:
-        bad = torch.stack([~torch.isfinite(loss_sum)] + [~torch.isfinite(p).all() for p in self.model.parameters()])
-        if self.dist.all_sum(bad.any().to(torch.int32)).item():
+    def _check(self) -> bool:
+        """Raise :class:`Diverged` if the loss or a parameter is NaN/inf, or the epoch's mean loss has
+        passed ``max_loss``, on any process; return whether any process got a stop signal. Every
+        process gets the same answers (one all-reduce), so all stop at the same step."""
+        loss_sum, seen = self.state.running[0], self.state.running[2]
+        nonfinite = torch.stack([~torch.isfinite(loss_sum)]
+                                + [~torch.isfinite(p).all() for p in self.model.parameters()])
+        flags = torch.stack([nonfinite.any(), loss_sum > self.max_loss * seen,
+                             torch.tensor(self.stop_signal > 0, device=self.device)]).to(torch.int32)
+        nan, exploded, stop = self.dist.all_sum(flags).tolist()
+        if nan or exploded:
             where = f" (last good checkpoint: {self.out / 'checkpoint.pt'})" if self.out else ""
-            raise Diverged(f"training diverged at epoch {self.state.epoch + 1} step {self.state.step}: loss or "
-                           f"parameters are NaN/inf; lower --lr (now {self.cfg.lr}){where}")
+            why = ("loss or parameters are NaN/inf" if nan else
+                   f"the epoch's mean training loss passed --max-loss {self.max_loss:.3g}")
+            raise Diverged(f"training diverged at epoch {self.state.epoch + 1} step {self.state.step}: {why}; "
+                           f"lower --lr (now {self.cfg.lr}){where}")
+        return stop > 0
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """This epoch's batches (order fixed by seed and epoch), from the step reached. With
@@ -279,7 +357,8 @@ class Run:
             if i >= self.state.step:
                 yield xb[rank * b:(rank + 1) * b], yb[rank * b:(rank + 1) * b]
 
-    def train_epoch(self) -> None:
+    def train_epoch(self) -> bool:
+        """Train the epoch (or its rest); False if a stop signal ended it at a step before its last."""
         self.model.train()
         if self.state.step == 0:  # augmentation draws fixed by (seed, epoch, rank); mid-epoch: the saved state
             self.aug_gen.manual_seed((self.cfg.seed * 1_000_003 + self.state.epoch) * 1_009 + self.dist.rank)
@@ -292,19 +371,27 @@ class Run:
         try:
             for xb, yb in self._batches():
                 self._step(xb, yb)
-                if self.state.step % 20 == 0 or self.state.step == n_steps:
-                    loss_sum, correct, seen = self.state.running.tolist()
-                    self._check_finite(self.state.running[0])
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
                 bar.update(1)
-                if self.interrupted:  # Ctrl-C: stop at this step boundary, resumable exactly
-                    self.state.seconds += time.perf_counter() - start
-                    self._check_finite(self.state.running[0])
-                    self.checkpoint()
-                    raise KeyboardInterrupt
+                # every 20 steps, or at once when signalled (one process; several agree at the next 20)
+                signalled = self.stop_signal and self.dist.world == 1
+                if self.state.step % 20 and self.state.step != n_steps and not signalled:
+                    continue
+                loss_sum, correct, seen = self.state.running.tolist()
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+                if self._check():  # a stop signal: stop at this step boundary, resumable exactly
+                    self.stopping = True
+                    break
         finally:
             bar.close()
         self.state.seconds += time.perf_counter() - start
+        return self.state.step >= n_steps
+
+    def _stop(self) -> None:
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal to another process"
+        where = (f"checkpoint saved: continue with ekdaa train --resume --out {self.out}" if self.out else
+                 "nothing saved (no --out)")
+        raise Stopped(f"stopped by {name} at epoch {self.state.epoch + 1} step {self.state.step}; {where}",
+                      self.stop_signal or signal.SIGTERM)
 
     def _step(self, xb: Tensor, yb: Tensor) -> None:
         cfg = self.cfg
@@ -330,36 +417,48 @@ class Run:
         return loss.detach(), (logits.argmax(1) == yb).sum()
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``cfg.epochs``. The first Ctrl-C stops at the next step boundary after
-        writing the checkpoint (then KeyboardInterrupt); a second one stops at once."""
-        cfg = self.cfg
-        with self._catch_ctrl_c():
-            while self.state.epoch < cfg.epochs:
-                self._epoch()
-        return self._summary()
+        """Train to ``cfg.epochs``. The first stop signal (``STOP_SIGNALS``: Ctrl-C, SIGTERM, SIGUSR1)
+        stops at the next step boundary after writing the checkpoint (then :class:`Stopped`, a
+        KeyboardInterrupt); a second one acts at once. train.log says how the run ended."""
+        try:
+            with self._catch_stop_signals():
+                while self.state.epoch < self.cfg.epochs:
+                    self._epoch()
+                    signalled = self.stopping or self.dist.world == 1 and self.stop_signal
+                    if signalled and self.state.epoch < self.cfg.epochs:
+                        self._stop()  # signalled in the epoch's last step or its evaluation: after its checkpoint
+            summary = self._summary()
+            self._record(f"finished: {self.state.epoch} epochs, test accuracy {summary['test_accuracy']}")
+            return summary
+        except BaseException as err:
+            self._record(f"ended: {' '.join(str(err).split()) or type(err).__name__}")
+            raise
+        finally:
+            self.close()
 
     @contextlib.contextmanager
-    def _catch_ctrl_c(self) -> Iterator[None]:
-        self.interrupted = False
-        if threading.current_thread() is not threading.main_thread() or self.dist.world > 1:
+    def _catch_stop_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum, frame):
-            self.interrupted = True
-            signal.signal(signal.SIGINT, previous)
+            self.stop_signal = signum
+            signal.signal(signum, previous[signum])  # a second one acts at once
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def _epoch(self) -> None:
         """Train one epoch (or its rest), evaluate, log, checkpoint."""
         t0 = self.state.seconds
-        self.train_epoch()
-        self._check_finite(self.state.running[0])
+        if not self.train_epoch():  # a stop signal mid-epoch: save where it stopped
+            self.checkpoint()
+            self._stop()
         loss_sum, correct, seen = self.dist.all_sum(self.state.running).tolist()
         record = dict(epoch=self.state.epoch + 1, train_loss=loss_sum / seen, train_accuracy=correct / seen,
                       images_per_s=seen / max(self.state.seconds - t0, 1e-9), lr=self.opt.param_groups[0]["lr"])
@@ -372,8 +471,8 @@ class Run:
         self.state.running.zero_()
         record["seconds"] = self.state.seconds
         self.history.append(record)
+        self.checkpoint()  # first: metrics.jsonl never lists an epoch the checkpoint lacks
         self._write_metrics()
-        self.checkpoint()
         self.log(_epoch_line(record, self.cfg.epochs))
 
     def _evaluate(self) -> dict[str, float | None]:
@@ -402,7 +501,7 @@ class Run:
                        seconds=self.state.seconds, device=str(self.device), processes=self.dist.world,
                        rule_options=cfg.rule_options())
         if self.out is not None and self.dist.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 

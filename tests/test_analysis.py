@@ -35,6 +35,7 @@ from ekdaa.analysis.pictures import DPI, SIZES
 from ekdaa.cli import main
 from ekdaa.models import build_model
 from ekdaa.train import TrainConfig, load_checkpoint, train
+from test_train import save_edited
 
 
 def tiny(tmp, name, resume: bool = False, **kw) -> str:
@@ -323,9 +324,9 @@ def test_summary_over_rules_seeds_and_substitutes(runs, tmp_path_factory, capsys
     assert "is also a target: use substitutes independent of every target" in capsys.readouterr().err
     elsewhere = tmp / "cifar-substitute"  # a substitute of a dataset no target has would craft nothing
     shutil.copytree(runs["bp"], elsewhere)
-    config = json.loads((elsewhere / "config.json").read_text())
-    config["config"]["dataset"] = "cifar10"
-    (elsewhere / "config.json").write_text(json.dumps(config))
+    state = load_checkpoint(elsewhere / "checkpoint.pt")
+    state["config"]["dataset"] = "cifar10"
+    save_edited(state, elsewhere / "checkpoint.pt")
     assert main(["attack", targets[0], "--summary", "--substitute", runs["bp"], "--substitute", str(elsewhere),
                  "--samples", "10", "--device", "cpu", "--out", str(out)]) == 1
     assert "cifar-substitute was trained on cifar10, which no target was: drop it" in capsys.readouterr().err

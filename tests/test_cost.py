@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import resource
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ekdaa
 import ekdaa.fused
 from ekdaa.models import build_model
+from ekdaa.train import keep_freed_memory
 
 RULES = [r for r in ekdaa.RULES if r not in ("bp-ste", "last-layer")]
 
@@ -154,3 +157,17 @@ def test_ekdaa_compile_passes_its_inductor_options_whatever_the_mode(monkeypatch
     assert seen[1]["options"]["coordinate_descent_tuning"] is False  # the caller's own options win
     assert all(seen[1]["options"][k] == v for k, v in ekdaa.rules.COMPILE_OPTIONS.items())
     assert seen[2] == {"backend": "aot_eager"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_a_cpu_run_keeps_freed_memory_so_the_next_step_does_not_fault_it_in():
+    def faults_of_two_fresh_large_tensors() -> int:  # as a step's activations come and go
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a, b = torch.ones(4 << 20), torch.ones(4 << 20)  # 16 MiB each
+        del a, b
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert keep_freed_memory()
+    for _ in range(3):  # the heap grows
+        faults_of_two_fresh_large_tensors()
+    assert faults_of_two_fresh_large_tensors() < 100  # by default malloc trims: all 8192 pages fault again

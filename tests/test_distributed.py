@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from ekdaa.train import TrainConfig, load_checkpoint, train
+from ekdaa.train import Run, TrainConfig, load_checkpoint, train
 
 ARGS = ["--dataset", "digits", "--model", "mlp", "--train-subset", "256", "--epochs", "2",
         "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu", "--seed", "3"]
@@ -48,3 +48,28 @@ def test_two_ranks_match_one_process_with_double_batch(tmp_path, rule):
     resumed = train(dataclasses.replace(TrainConfig.load(tmp_path / "ddp"), epochs=3), resume=True,
                     log=lambda s: None)
     assert resumed["epochs"] == 3
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes(tmp_path):
+    """torchrun forwards SIGTERM to its workers; they agree (one all-reduce) on the step to stop at."""
+    import signal
+    import time
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ekdaa",
+           "train", *ARGS[:-4], "--epochs", "500", "--rule", "ekdaa", "--batch-size", "16", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert err.count("stopped by SIGTERM") == 1, err[-3000:]  # rank 0 says it; rank 1 stops with it
+    state = load_checkpoint(out / "checkpoint.pt")
+    log = (out / "train.log").read_text()
+    assert f"stopped by SIGTERM at epoch {state['epoch'] + 1} step {state['step']}" in log
+    assert state["world"] == 2 and state["step"] == 0  # 8 steps an epoch: the agreed checks fall at its end
+    run = Run(TrainConfig.load(out), resume=True, log=lambda s: None)  # an epoch-end checkpoint: in one process
+    assert run.state.epoch == state["epoch"]
+    run.close()

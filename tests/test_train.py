@@ -11,6 +11,7 @@ import signal
 import pytest
 import torch
 
+from ekdaa.checkpoint import digest
 from ekdaa.cli import main
 from ekdaa.train import Diverged, Run, TrainConfig, TrainError, load_checkpoint, train
 
@@ -24,6 +25,12 @@ def tiny(tmp_path, name="run", **kw) -> TrainConfig:
 
 def params(path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
+
+
+def save_edited(state: dict, path) -> None:
+    """Save a checkpoint edited by hand, with the digest of its new contents (as load_checkpoint checks)."""
+    state.pop("digest", None)
+    torch.save({**state, "digest": digest(state)}, path)
 
 
 def load_metrics(run) -> list[dict]:
@@ -143,7 +150,7 @@ def test_resume_refuses_another_kind_of_device_and_floats_are_floats(tmp_path):
     path = tmp_path / "run" / "checkpoint.pt"
     state = load_checkpoint(path)
     state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as if written on a GPU
-    torch.save(state, path)
+    save_edited(state, path)
     with pytest.raises(TrainError, match="written on cuda.*resume it on cuda"):
         Run(tiny(tmp_path, epochs=2), resume=True)
     cfg = TrainConfig.from_dict({"tau": 2, "lr": 1})
@@ -155,11 +162,11 @@ def test_mid_epoch_checkpoint_resumes_only_under_its_world_size(tmp_path):
     path = tmp_path / "run" / "checkpoint.pt"
     state = load_checkpoint(path)
     state.update(world=2, step=3)
-    torch.save(state, path)
+    save_edited(state, path)
     with pytest.raises(TrainError, match="mid-epoch by 2 process.*this run has 1.*nproc-per-node 2"):
         Run(tiny(tmp_path, epochs=2), resume=True)
     state["step"] = 0  # an epoch-end checkpoint resumes under any number of processes
-    torch.save(state, path)
+    save_edited(state, path)
     Run(tiny(tmp_path, epochs=2), resume=True)
 
 

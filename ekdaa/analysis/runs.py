@@ -6,7 +6,6 @@ come from :func:`plain_copy`: the same network rebuilt unconverted, with the sam
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 
 from ..data import Normalizer, load_dataset
 from ..models import build_model
-from ..checkpoint import TrainedModel, load_model
+from ..checkpoint import TrainedModel, load_model, read_metrics
 from ..config import TrainConfig, TrainError, resolve_device
 
 #: state_dict names of feedback tensors (EKDAA's error kernels, FA/KP/DFA's B): a plain model has none
@@ -65,12 +64,10 @@ class RunDir:
         self.key = os.path.abspath(self.path)
         self.name = Path(self.key).name  # a symlink keeps its own name
 
-    @cached_property
+    @property
     def cfg(self) -> TrainConfig:
-        try:
-            return TrainConfig.from_dict(json.loads((self.path / "config.json").read_text())["config"])
-        except (OSError, ValueError, KeyError) as err:
-            raise TrainError(f"{self.path}/config.json is missing or unreadable: {err}") from err
+        """The run's config, from its checkpoint (config.json is for people)."""
+        return self._loaded.config
 
     @property
     def label(self) -> str:
@@ -80,9 +77,7 @@ class RunDir:
     @cached_property
     def metrics(self) -> list[dict[str, Any]]:
         """One record per epoch from metrics.jsonl (empty if there is none)."""
-        path = self.path / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.is_file() else []
-        return [json.loads(line) for line in lines if line.strip()]
+        return read_metrics(self.path / "metrics.jsonl")
 
     @cached_property
     def _loaded(self) -> TrainedModel:
