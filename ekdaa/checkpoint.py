@@ -121,6 +121,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, ...
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights only load failed" in reason.lower():  # torch's text goes on to suggest running its code
+            reason = "it holds Python objects, which an ekdaa checkpoint never does (loading them could run code)"
         raise TrainError(f"checkpoint {path} is unreadable (truncated or not an ekdaa checkpoint): "
                          f"{reason[:200]}") from err
     if not isinstance(state, dict) or state.get("format") not in (CHECKPOINT_FORMAT, *_UNCHECKED_FORMATS):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import __version__
 from .analysis import ATTACKS, PICTURES, SCORE_ATTACKS
 from .config import Diverged, Stopped, TrainConfig, TrainError
 from .data import DATASETS, DataError
@@ -87,9 +88,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
-    result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+    checkpoint = Path(args.checkpoint)
+    checkpoint = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint  # a run directory
+    result = evaluate_checkpoint(checkpoint, dataset=args.dataset, data_dir=args.data_dir,
                                  device=args.device, split=args.split, recompute_bn=args.recompute_bn)
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval-{result['dataset']}-{args.split}.json")
+    out = Path(args.out) if args.out else checkpoint.with_name(f"eval-{result['dataset']}-{args.split}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['dataset']} {args.split}: accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
           f"({result['images']} images) -> {out}")
@@ -188,6 +191,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ekdaa", description="Train convolutional networks with EKDAA, "
                                 "backprop, FA, DFA, sign symmetry or Kolen-Pollack.")
+    p.add_argument("--version", action="version", version=f"ekdaa {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model", description="Train one run. Precedence: defaults < "
@@ -202,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint", description="Accuracy of a checkpoint; "
                        "writes JSON beside it (or to --out).")
-    e.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt")
+    e.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt, or its run directory")
     e.add_argument("--dataset", choices=list(DATASETS), help="dataset (default: the run's)")
     e.add_argument("--split", choices=("test", "train", "val"), default="test", help="split (default test)")
     e.add_argument("--data-dir", help="folder with one sub-folder per dataset (default: the run's)")

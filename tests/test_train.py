@@ -11,6 +11,8 @@ import signal
 import pytest
 import torch
 
+import ekdaa
+
 from ekdaa.checkpoint import digest
 from ekdaa.cli import main
 from ekdaa.train import Diverged, Run, TrainConfig, TrainError, load_checkpoint, train
@@ -216,8 +218,9 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
         load_checkpoint(foreign)
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps(_CallsPrint()))  # would run print() if unpickled freely
-    with pytest.raises(TrainError, match="unreadable"):
+    with pytest.raises(TrainError, match="unreadable.*holds Python objects") as refused:
         load_checkpoint(evil)
+    assert "weights_only=False" not in str(refused.value)
     assert "code ran" not in capsys.readouterr().out
     with pytest.raises(TrainError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
@@ -236,6 +239,15 @@ def test_cli_train_config_file_and_eval(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert result["accuracy"] == summary["test_accuracy"]
     assert "accuracy" in capsys.readouterr().out
+    (out / "eval-digits-test.json").unlink()
+    assert main(["eval", "--checkpoint", str(out), "--device", "cpu"]) == 0  # the run directory does too
+    assert json.loads((out / "eval-digits-test.json").read_text())["accuracy"] == result["accuracy"]
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"ekdaa {ekdaa.__version__}"
 
 
 @pytest.mark.parametrize("argv,message", [
