@@ -78,6 +78,19 @@ def write_atomic(path: Path, text: str) -> None:
     _write_bytes_atomic(path, text.encode())
 
 
+def writable_folder(folder: Path, flag: str) -> None:
+    """Make ``folder`` (with its parents) and check that a file can be written there, or refuse in one
+    line naming ``flag``, the option that chose it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise TrainError(f"{flag} {folder}: cannot write there ({err.strerror}): choose a writable "
+                         "folder") from None
+
+
 def remove_temporary_files(folder: Path) -> None:
     """Delete what an atomic write cut short (by a signal, a kill) left in ``folder``."""
     for tmp in folder.glob(".*.tmp[0-9]*"):
@@ -112,13 +125,14 @@ def digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load an ekdaa checkpoint safely (``weights_only=True``: no code runs) and check its digest."""
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load an ekdaa checkpoint onto the CPU safely (``weights_only=True``: no code runs) and check its
+    digest there (the RNG states it holds must stay on the CPU anyway)."""
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"checkpoint {path} does not exist: pass the checkpoint.pt of a run directory")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, ...
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights only load failed" in reason.lower():  # torch's text goes on to suggest running its code
@@ -167,12 +181,8 @@ class RunLock:
 
     def __init__(self, out: Path):
         self.fd: int | None = None
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise TrainError(f"--out {out}: cannot write there ({err.strerror}): choose a writable "
-                             "directory") from None
+        writable_folder(out, "--out")
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             import fcntl
         except ImportError:
@@ -236,7 +246,7 @@ class TrainedModel:
 def load_model(checkpoint: str | os.PathLike, device: str = "auto") -> TrainedModel:
     """The trained model, its config and normaliser from a checkpoint, loaded once."""
     dev = resolve_device(device)
-    state = load_checkpoint(checkpoint, dev)
+    state = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(state["config"])
     normalizer = Normalizer.from_state_dict(state["normalizer"]).to(dev)
     image_shape, num_classes = tuple(state["image_shape"]), state["num_classes"]

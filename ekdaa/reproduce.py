@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 
 from .data import DataError, missing_files
 from .rules import RULES
-from .checkpoint import read_metrics
+from .checkpoint import read_metrics, writable_folder
 from .config import MACHINE_FIELDS, Diverged, TrainConfig, TrainError
 from .train import train
 
@@ -162,7 +162,7 @@ def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[
     origin = provenance(name)  # the code this process runs
     if not dry_run:  # before hours of training, not after
         for folder, flag in ((Path(results) / name, "--results"), (Path(runs_dir) / name, "--runs")):
-            _check_writable(folder, flag)
+            writable_folder(folder, flag)
     for run in plan(suite, datasets, rules, seeds, activations):
         ds = run.config.dataset
         record = Path(results) / name / ds / run.name
@@ -205,17 +205,6 @@ def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(notes, indent=2) + "\n")
     return done
-
-
-def _check_writable(folder: Path, flag: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise TrainError(f"{flag} {folder}: cannot write there ({err.strerror}): choose a writable "
-                         "folder") from None
 
 
 # -- the report ------------------------------------------------------------------

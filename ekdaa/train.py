@@ -291,7 +291,7 @@ class Run:
                 self.log(f"{self.out} has no checkpoint yet: its run starts from the beginning")
                 return resumed_config(TrainConfig.load(self.out), asked), None
             raise TrainError(f"--resume: no checkpoint.pt in {self.out}: start the run without --resume")
-        saved = load_checkpoint(self.out / "checkpoint.pt")  # on the CPU: RNG states must stay there
+        saved = load_checkpoint(self.out / "checkpoint.pt")
         cfg = resumed_config(TrainConfig.from_dict(saved["config"]), asked)
         written_on = "cuda" if "cuda" in saved["rng"] else "cpu"
         if written_on != self.device.type:
