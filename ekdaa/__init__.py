@@ -5,9 +5,10 @@ A learning rule is a choice of backward pass::
     model = ekdaa.convert(model, rule="ekdaa", beta=0.9, gamma=1.0)
     opt = torch.optim.SGD(ekdaa.param_groups(model, lr=0.01), lr=0.01, momentum=0.9)
     F.cross_entropy(model(x), y).backward(); opt.step()
+    plain = ekdaa.unconvert(model)  # plain PyTorch again: trained W and b, no feedback
 """
 from .layers import Sign
-from .rules import RULES, ConversionError, compile, convert, param_groups
+from .rules import RULES, ConversionError, compile, convert, param_groups, unconvert
 
 __version__ = "0.1.0"
-__all__ = ["RULES", "ConversionError", "Sign", "compile", "convert", "param_groups", "__version__"]
+__all__ = ["RULES", "ConversionError", "Sign", "compile", "convert", "param_groups", "unconvert", "__version__"]

@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import teardown
     cfg = _config(args)
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume).summary
     except BaseException:
         teardown()
         raise
@@ -114,11 +114,18 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from .analysis import markdown, robustness, robustness_summary, summary_markdown, write_result, write_summary
+    from .analysis import (check_settings, markdown, merge_summaries, read_summary, robustness, robustness_summary,
+                           summary_markdown, write_result, write_summary)
     if args.summary:
+        earlier = read_summary(args.out)  # rows of other datasets or attacks stay
+        if earlier is not None:
+            check_settings(earlier, dict(eps_unit=args.eps_unit, samples=args.samples, steps=args.steps,
+                                         queries=args.queries, seed=0))
         summary = robustness_summary(args.runs, args.attack, args.eps, args.eps_unit, args.substitute or (),
                                      args.samples, args.steps, args.queries, data_dir=args.data_dir,
                                      device=args.device)
+        if earlier is not None:
+            summary = merge_summaries(earlier, summary)
         print(summary_markdown(summary))
         paths = write_summary(summary, args.out)
     else:
@@ -269,7 +276,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--attack", type=_attack_list, default=["fgsm"], help="comma list of L-inf attacks: fgsm, "
                    "pgd (gradient; transfer with --substitute), square (queries the target's outputs only; "
                    "--summary) (default fgsm)")
-    a.add_argument("--summary", action="store_true", help="summarise over seeds: summary.json/md/png in --out")
+    a.add_argument("--summary", action="store_true", help="summarise over seeds: summary.json/md/png in --out (rows already there for "
+                   "other datasets or attacks are kept)")
     a.add_argument("--queries", type=bench.positive_int, default=300,
                    help="Square Attack queries per image (default 300)")
     a.add_argument("--eps", type=_eps_list, default=[0.0, 2.0, 4.0, 8.0], help="comma-separated epsilons "

@@ -104,6 +104,12 @@ class _InverseStdNorm:
         return _InverseStdRouteFn.apply(super().forward(x.detach()), x, inv_std)  # type: ignore[misc]
 
 
+    def unconverted(self) -> nn.Module:
+        """This norm as its nn class again (in place; ``ekdaa.unconvert``)."""
+        self.__class__ = PLAIN_NORMS[type(self)]
+        return self
+
+
 class InverseStdBatchNorm1d(_InverseStdNorm, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` whose error reaches its input divided by sigma only."""
 
@@ -113,6 +119,7 @@ class InverseStdBatchNorm2d(_InverseStdNorm, nn.BatchNorm2d):
 
 
 INVERSE_STD_NORMS = {nn.BatchNorm1d: InverseStdBatchNorm1d, nn.BatchNorm2d: InverseStdBatchNorm2d}
+PLAIN_NORMS = {v: k for k, v in INVERSE_STD_NORMS.items()}
 
 
 def conv_args(layer: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
@@ -225,6 +232,16 @@ class _FeedbackLayer:
         out = _FeedbackFn.apply(x, self.weight, self.bias, self.rule.feedback(self), self.conv_args)
         return self.rule.layer_output(self, out)
 
+    def unconverted(self) -> nn.Module:
+        """This layer as its nn class again (in place; ``ekdaa.unconvert``): W and b kept, the
+        feedback tensor dropped."""
+        for store in (self._parameters, self._buffers):
+            store.pop(self.rule.feedback_name, None)
+        for attr in ("rule", "conv_args"):
+            self.__dict__.pop(attr, None)
+        self.__class__ = PLAIN_LAYERS[type(self)]
+        return self
+
 
 class FeedbackLinear(_FeedbackLayer, nn.Linear):
     """``nn.Linear`` whose error travels down through a feedback matrix."""
@@ -235,6 +252,7 @@ class FeedbackConv2d(_FeedbackLayer, nn.Conv2d):
 
 
 FEEDBACK_CLASSES = {nn.Linear: FeedbackLinear, nn.Conv2d: FeedbackConv2d}
+PLAIN_LAYERS = {v: k for k, v in FEEDBACK_CLASSES.items()}
 
 
 def glorot_like(weight: Tensor) -> Tensor:

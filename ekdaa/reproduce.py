@@ -136,10 +136,11 @@ def plan(suite: dict[str, Any], datasets: list[str] | None = None, rules: list[s
 
 
 def provenance(suite: str) -> dict[str, Any]:
-    """Where a run comes from: the commit (``+dirty`` with uncommitted changes) and machine."""
+    """Where a run comes from: the package's commit (``+dirty`` with uncommitted changes), whatever
+    the working directory, and the machine."""
     try:
-        git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True,  # noqa: E731
-                                           timeout=10).stdout.strip()
+        git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,  # noqa: E731
+                                           cwd=Path(__file__).parent).stdout.strip()
         commit = git("rev-parse", "--short", "HEAD") or None
         if commit and git("status", "--porcelain", "--untracked-files=no"):
             commit += "+dirty"

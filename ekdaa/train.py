@@ -1,10 +1,11 @@
-"""Training: ``train(TrainConfig(...))`` runs a whole experiment and returns its summary.
+"""Training: ``train(TrainConfig(...))`` runs a whole experiment and returns its summary and model.
 
 :class:`Run` reads top to bottom: prepare the data, build model, optimizer and schedule
 (restored from the checkpoint on resume), then per epoch train, evaluate, log and write
 the run directory (:mod:`ekdaa.checkpoint`: ``config.json``, ``metrics.jsonl``,
 ``summary.json``, ``checkpoint.pt``, ``train.log``, atomically, at every epoch end and when a stop
-signal arrives). ``resume=True`` continues bit-for-bit from the checkpoint. The directory is locked to
+signal arrives; ``checkpoint-best.pt`` at the best validation accuracy so far; ``model.pt``, the plain
+trained model, at the end). ``resume=True`` continues bit-for-bit from the checkpoint. The directory is locked to
 the run while it lives (:class:`ekdaa.checkpoint.RunLock`).
 """
 from __future__ import annotations
@@ -30,8 +31,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
+from .analysis.alignment import Tracker
 from .checkpoint import (RunLock, TrainState, load_checkpoint, load_model, read_metrics, remove_temporary_files,
-                         save_checkpoint, train_state, write_atomic)
+                         save_atomic, save_checkpoint, train_state, write_atomic)
 from .config import (AMP, MACHINE_FIELDS, OPTIMIZERS, SCHEDULES, Diverged, Stopped, TrainConfig, TrainError,
                      resolve_device, resumed_config)
 from .data import Normalizer, augment, batches, load_dataset, split_validation
@@ -39,10 +41,10 @@ from .graphs import GraphedStep, set_capturable
 from .layers import NORMS
 from .models import build_model
 from .rules import compile as compile_model
-from .rules import convert, param_groups
+from .rules import convert, param_groups, unconvert
 
-__all__ = ["AMP", "MACHINE_FIELDS", "OPTIMIZERS", "SCHEDULES", "Data", "Diverged", "Run", "Stopped", "TrainConfig",
-           "TrainError", "build", "evaluate", "evaluate_checkpoint", "load_checkpoint", "load_model",
+__all__ = ["AMP", "MACHINE_FIELDS", "OPTIMIZERS", "SCHEDULES", "Data", "Diverged", "Result", "Run", "Stopped",
+           "TrainConfig", "TrainError", "build", "evaluate", "evaluate_checkpoint", "load_checkpoint", "load_model",
            "prepare_data", "train"]
 
 # -- the pieces of a run --------------------------------------------------------
@@ -248,8 +250,8 @@ class Run:
                 dict(config=dataclasses.asdict(cfg), environment=environment()), indent=2) + "\n")
         self.tracker = None  # the per-epoch look inside (alignment, sign flips), from the state reached
         if cfg.track_alignment:
-            from .analysis import Tracker
-            self.tracker = Tracker(self)
+            x, y = self.data.train
+            self.tracker = Tracker(self.model, (self.data.normalizer(x[:cfg.batch_size]), y[:cfg.batch_size]))
         self.max_loss = cfg.max_loss or 100 * math.log(self.data.num_classes)
         self.stop_signal, self.stopping = 0, False  # a signal seen here; one seen by any process
         self._record(f"{'resume' if resume else 'start'} at epoch {self.state.epoch + 1} step {self.state.step}: "
@@ -320,13 +322,25 @@ class Run:
         if self.dist.is_main:  # metrics.jsonl as the checkpoint says, whatever happened to the file
             self._write_metrics()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, name: str = "checkpoint.pt") -> None:
+        """Write the run's state to ``name`` in the run directory (main process, with --out)."""
         if self.out is None or not self.dist.is_main:
             return
         state = dataclasses.replace(self.state, running=self.state.running.cpu(), world=self.dist.world,
                                     rng=_rng_state(self.aug_gen, self.device))
-        save_checkpoint(self.out / "checkpoint.pt", self.cfg, state, self.model, self.opt, self.sched,
+        save_checkpoint(self.out / name, self.cfg, state, self.model, self.opt, self.sched,
                         self.data.normalizer, self.data.image_shape, self.data.num_classes, self.history)
+
+    def _best_on_validation(self) -> bool:
+        """Whether the last epoch has the best validation accuracy so far (False without a split)."""
+        val = [r["val_accuracy"] for r in self.history]
+        return val[-1] is not None and all(val[-1] > v for v in val[:-1] if v is not None)
+
+    def export(self) -> None:
+        """``model.pt`` in the run directory: the trained model's plain PyTorch state_dict
+        (:func:`ekdaa.unconvert`), loadable into the unconverted architecture."""
+        if self.out is not None and self.dist.is_main:
+            save_atomic(unconvert(self.model).state_dict(), self.out / "model.pt")
 
     def _check(self) -> bool:
         """Raise :class:`Diverged` if the loss or a parameter is NaN/inf, or the epoch's mean loss has
@@ -428,6 +442,7 @@ class Run:
                     if signalled and self.state.epoch < self.cfg.epochs:
                         self._stop()  # signalled in the epoch's last step or its evaluation: after its checkpoint
             summary = self._summary()
+            self.export()
             self._record(f"finished: {self.state.epoch} epochs, test accuracy {summary['test_accuracy']}")
             return summary
         except BaseException as err:
@@ -472,6 +487,8 @@ class Run:
         record["seconds"] = self.state.seconds
         self.history.append(record)
         self.checkpoint()  # first: metrics.jsonl never lists an epoch the checkpoint lacks
+        if self._best_on_validation():
+            self.checkpoint("checkpoint-best.pt")
         self._write_metrics()
         self.log(_epoch_line(record, self.cfg.epochs))
 
@@ -513,9 +530,21 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
             f"{r['images_per_s']:.0f} img/s")
 
 
-def train(cfg: TrainConfig, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
-    """Train a run to ``cfg.epochs`` and return its summary (see :class:`Run`)."""
-    return Run(cfg, resume=resume, **kwargs).fit()
+@dataclass
+class Result:
+    """What :func:`train` returns: the run's summary (as in summary.json) and its trained model,
+    converted to its rule (``ekdaa.unconvert(result.model)`` is plain PyTorch), which takes inputs
+    normalised by ``normalizer``."""
+
+    summary: dict[str, Any]
+    model: nn.Module
+    normalizer: Normalizer
+
+
+def train(cfg: TrainConfig, resume: bool = False, **kwargs: Any) -> Result:
+    """Train a run to ``cfg.epochs``; its summary and trained model (see :class:`Run`)."""
+    run = Run(cfg, resume=resume, **kwargs)
+    return Result(run.fit(), run.model, run.data.normalizer)
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,

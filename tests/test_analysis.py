@@ -7,7 +7,6 @@ import math
 import shutil
 import struct
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,9 +22,10 @@ from ekdaa.analysis import (
     Tracker,
     alignment,
     craft,
+    differences,
     square,
+    summary_markdown,
     fgsm,
-    plain_copy,
     robustness,
     visualize,
     write_result,
@@ -172,12 +172,9 @@ def test_tracking_is_logged_and_changes_no_training_result(tmp_path):
 @pytest.mark.parametrize("rule", ["ekdaa", "bp-ste"])
 def test_tracker_counts_sign_flips_and_measures_against_the_straight_through_gradient(rule):
     torch.manual_seed(0)
-    cfg = TrainConfig(model="mlp", activation="sign", rule=rule, batch_size=8)
     x, y = torch.randn(8, 1, 6, 6) * 0.3, torch.arange(8) % 3
     model = ekdaa.convert(build_model("mlp", (1, 6, 6), 3, activation="sign"), rule)
-    run = SimpleNamespace(cfg=cfg, model=model, data=SimpleNamespace(
-        normalizer=lambda t: t, train=(x, y), image_shape=(1, 6, 6), num_classes=3))
-    tracker = Tracker(run)
+    tracker = Tracker(model, (x, y))
     first = tracker()
     assert first["sign_flips"] == {"2": 0.0, "4": 0.0}  # nothing changed since the tracker was made
     angles = {name: e["update_angle"] for name, e in first["alignment"].items()}
@@ -235,9 +232,9 @@ def test_a_directory_without_checkpoint_is_a_one_line_error(tmp_path, capsys, co
 
 # -- robustness -----------------------------------------------------------------
 
-def test_plain_copy_has_the_runs_weights_and_forward(runs):
+def test_a_runs_plain_twin_has_its_weights_and_forward(runs):
     run = RunDir(runs["cnn"], "cpu")
-    plain = plain_copy(run.model, run.cfg, run.image_shape, 10)
+    plain = run.plain()
     assert not any(hasattr(m, "rule") for m in plain.modules())  # no converted layer or activation
     x = run.normalizer(run.test_images(20)[0])
     with torch.no_grad():
@@ -318,9 +315,25 @@ def test_summary_over_rules_seeds_and_substitutes(runs, tmp_path_factory, capsys
     bp_row = rows[("fgsm", 16, "bp", "bp")]
     assert diff["difference_mean"] == pytest.approx(row["accuracy_mean"] - bp_row["accuracy_mean"])
     assert "### digits, square" in (out / "summary.md").read_text() and (out / "summary.png").stat().st_size > 10_000
+    assert row["fraction_of_clean"] == pytest.approx([a / c for a, c in zip(row["accuracy"], row["clean_accuracy"])])
+    clean_gap = sum(row["clean_accuracy"]) / 2 - sum(bp_row["clean_accuracy"]) / 2
+    assert diff["clean_difference_mean"] == pytest.approx(clean_gap)
+    assert diff["equal_clean"] == (abs(clean_gap) <= 0.02)
+    # a second summary into the same folder replaces its own attacks' rows and keeps the others
+    assert main(["attack", *targets, "--summary", "--attack", "pgd", "--eps", "16", "--substitute", runs["bp"],
+                 "--samples", "60", "--queries", "10", "--out", str(out), "--device", "cpu"]) == 0
+    merged = json.loads((out / "summary.json").read_text())
+    assert {(r["attack"], r["eps"]) for r in merged["rows"]} == {("fgsm", 16), ("fgsm", 64), ("square", 16),
+                                                                ("square", 64), ("pgd", 16)}
+    assert [r for r in merged["rows"] if r["attack"] == "fgsm"] == [r for r in summary["rows"] if r["attack"] == "fgsm"]
+    capsys.readouterr()
+    assert main(["attack", *targets, "--summary", "--attack", "pgd", "--eps", "16", "--substitute", runs["bp"],
+                 "--samples", "30", "--queries", "10", "--out", str(out), "--device", "cpu"]) == 1
+    assert "already in --out was measured with other samples (60 there, 30 now): use another --out" in \
+        capsys.readouterr().err
     capsys.readouterr()
     assert main(["attack", targets[0], "--summary", "--substitute", targets[0], "--samples", "10",
-                 "--device", "cpu", "--out", str(out)]) == 1
+                 "--device", "cpu", "--out", str(tmp / "other")]) == 1
     assert "is also a target: use substitutes independent of every target" in capsys.readouterr().err
     elsewhere = tmp / "cifar-substitute"  # a substitute of a dataset no target has would craft nothing
     shutil.copytree(runs["bp"], elsewhere)
@@ -328,10 +341,29 @@ def test_summary_over_rules_seeds_and_substitutes(runs, tmp_path_factory, capsys
     state["config"]["dataset"] = "cifar10"
     save_edited(state, elsewhere / "checkpoint.pt")
     assert main(["attack", targets[0], "--summary", "--substitute", runs["bp"], "--substitute", str(elsewhere),
-                 "--samples", "10", "--device", "cpu", "--out", str(out)]) == 1
+                 "--samples", "10", "--device", "cpu", "--out", str(tmp / "other")]) == 1
     assert "cifar-substitute was trained on cifar10, which no target was: drop it" in capsys.readouterr().err
     assert main(["attack", targets[0], "--attack", "fgsm,pgd", "--device", "cpu"]) == 1
     assert "need --summary" in capsys.readouterr().err
+
+
+def test_summary_flags_comparisons_at_unequal_clean_accuracy():
+    def row(rule: str, clean: list[float], acc: list[float]) -> dict:
+        out = dict(dataset="cifar10", attack="fgsm", eps=4.0, rule=rule, substitute="sub", seeds=[0, 1],
+                   runs=["a", "b"], accuracy=acc, clean_accuracy=clean,
+                   fraction_of_clean=[a / c for a, c in zip(acc, clean)])
+        for field in ("accuracy", "clean_accuracy", "fraction_of_clean"):
+            out[f"{field}_mean"], out[f"{field}_std"] = sum(out[field]) / 2, 0.0
+        return out
+    summary = dict(eps_unit=255.0, samples=1000, steps=10, queries=300, seed=0, substitutes=[],
+                   rows=[row("bp", [0.64, 0.62], [0.32, 0.31]), row("ekdaa", [0.60, 0.59], [0.30, 0.30])])
+    (diff,) = differences(summary)
+    assert diff["clean_difference_mean"] == pytest.approx(-0.035) and not diff["equal_clean"]
+    assert diff["fraction_difference_mean"] == pytest.approx((0.30 / 0.60 - 0.5 + 0.30 / 0.59 - 0.31 / 0.62) / 2)
+    text = summary_markdown(summary)
+    assert "cifar10: not at equal clean accuracy.** EKDAA's clean accuracy is -3.5 points from BP's" in text
+    summary["rows"][1] = row("ekdaa", [0.63, 0.62], [0.30, 0.30])
+    assert differences(summary)[0]["equal_clean"] and "not at equal" not in summary_markdown(summary)
 
 
 @pytest.mark.parametrize("argv,message", [

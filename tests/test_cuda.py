@@ -92,7 +92,7 @@ def test_error_map_is_fused_on_the_gpu_at_any_size(monkeypatch):
 @cuda
 def test_training_run_on_gpu(tmp_path):
     summary = train(TrainConfig(dataset="digits", model="paper-cnn", epochs=10, device="cuda", amp="bf16",
-                                channels_last=True, out=str(tmp_path / "gpu")), log=print)
+                                channels_last=True, out=str(tmp_path / "gpu")), log=print).summary
     assert summary["device"].startswith("cuda") and summary["test_accuracy"] > 0.9
 
 
@@ -128,5 +128,5 @@ def test_cuda_graph_resumes_an_eager_adam_run(tmp_path, deterministic):
 def test_cuda_graph_sgd_bf16_channels_last_trains(tmp_path):
     summary = train(TrainConfig(dataset="digits", model="paper-cnn", epochs=10, optimizer="sgd", lr=0.01,
                                 device="cuda", amp="bf16", channels_last=True, cuda_graph=True,
-                                out=str(tmp_path / "graph")), log=print)
+                                out=str(tmp_path / "graph")), log=print).summary
     assert summary["test_accuracy"] > 0.9

@@ -32,7 +32,7 @@ def test_two_ranks_match_one_process_with_double_batch(tmp_path, rule):
     try:
         single = train(TrainConfig(dataset="digits", model="mlp", train_subset=256, epochs=2, optimizer="sgd",
                                    lr=0.05, device="cpu", seed=3, rule=rule, batch_size=32,
-                                   out=str(tmp_path / "one")), log=lambda s: None)
+                                   out=str(tmp_path / "one")), log=lambda s: None).summary
     finally:
         torch.set_num_threads(threads)
     a = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
@@ -46,7 +46,7 @@ def test_two_ranks_match_one_process_with_double_batch(tmp_path, rule):
     assert json.loads(ddp_metrics[-1])["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=0.01)
     # an epoch-end checkpoint from 2 ranks resumes in 1 process
     resumed = train(dataclasses.replace(TrainConfig.load(tmp_path / "ddp"), epochs=3), resume=True,
-                    log=lambda s: None)
+                    log=lambda s: None).summary
     assert resumed["epochs"] == 3
 
 

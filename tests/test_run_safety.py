@@ -95,7 +95,7 @@ def test_a_killed_owner_leaves_no_stale_lock_and_a_run_without_checkpoint_resume
     (out / ".checkpoint.pt.tmp12345").write_bytes(b"half")  # a save cut short
     with pytest.raises(TrainError, match="already holds a run"):
         Run(tiny(tmp_path), **QUIET)
-    summary = train(tiny(tmp_path), resume=True, **QUIET)  # from its beginning, with its own config
+    summary = train(tiny(tmp_path), resume=True, **QUIET).summary  # from its beginning, with its own config
     assert summary["epochs"] == 2 and "resume at epoch 1 step 0" in (out / "train.log").read_text()
     assert not list(out.glob(".*.tmp*"))
 

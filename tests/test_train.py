@@ -15,6 +15,8 @@ import ekdaa
 
 from ekdaa.checkpoint import digest
 from ekdaa.cli import main
+from ekdaa.data import load_dataset
+from ekdaa.models import build_model
 from ekdaa.train import Diverged, Run, TrainConfig, TrainError, load_checkpoint, train
 
 
@@ -41,8 +43,8 @@ def load_metrics(run) -> list[dict]:
 
 def test_training_improves_and_writes_the_run_directory(tmp_path):
     cfg = tiny(tmp_path, epochs=3)
-    summary = train(cfg, log=lambda s: None)
-    out = tmp_path / "run"
+    result = train(cfg, log=lambda s: None)
+    summary, out = result.summary, tmp_path / "run"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
@@ -57,15 +59,26 @@ def test_training_improves_and_writes_the_run_directory(tmp_path):
     state = load_checkpoint(out / "checkpoint.pt")
     assert any(k.endswith("error_kernel") for k in state["model"])
     assert not list(out.glob(".*tmp*"))  # no temporary file left behind
+    # the trained model comes back, and model.pt is it in plain PyTorch
+    assert result.model.ekdaa_rule.name == "ekdaa"
+    digits = load_dataset("digits")
+    plain = build_model(cfg.model, digits.image_shape, digits.num_classes, activation=cfg.activation, bias=cfg.bias)
+    plain.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    x = result.normalizer(digits.test_x[:50])
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), result.model.eval()(x))
+    # the best epoch on validation is kept beside the last
+    best = max(range(3), key=lambda i: (metrics[i]["val_accuracy"], -i))
+    assert load_checkpoint(out / "checkpoint-best.pt")["epoch"] == best + 1
 
 
 def test_same_seed_same_result(tmp_path):
-    a = train(tiny(tmp_path, "a"), log=lambda s: None)
-    b = train(tiny(tmp_path, "b"), log=lambda s: None)
+    a = train(tiny(tmp_path, "a"), log=lambda s: None).summary
+    b = train(tiny(tmp_path, "b"), log=lambda s: None).summary
     assert a["test_accuracy"] == b["test_accuracy"] and a["train_loss"] == b["train_loss"]
     pa, pb = params(tmp_path / "a" / "checkpoint.pt"), params(tmp_path / "b" / "checkpoint.pt")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
-    c = train(tiny(tmp_path, "c", seed=1), log=lambda s: None)
+    c = train(tiny(tmp_path, "c", seed=1), log=lambda s: None).summary
     assert c["train_loss"] != a["train_loss"]
 
 
@@ -356,7 +369,7 @@ def test_a_recommendation_of_no_rule_option_is_an_error(monkeypatch):
 def test_resnet20_ekdaa_on_digits_with_the_defaults(tmp_path):
     """Issue 14's target, `ekdaa train --dataset digits --model resnet20 --rule ekdaa --epochs 5`:
     >= 85 % (beta 0.9 there gave 71.6 %)."""
-    summary = train(TrainConfig(dataset="digits", model="resnet20", rule="ekdaa", epochs=5), log=lambda s: None)
+    summary = train(TrainConfig(dataset="digits", model="resnet20", rule="ekdaa", epochs=5), log=lambda s: None).summary
     assert summary["rule_options"]["beta"] == 0.1 and summary["test_accuracy"] >= 0.85
 
 

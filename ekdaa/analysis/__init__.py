@@ -8,12 +8,13 @@
   substitute run.
 """
 from .alignment import Tracker, alignment, angle, feedback_tensor, weight_layers
-from .attacks import (ATTACKS, SCORE_ATTACKS, PixelModel, craft, differences, fgsm, markdown, pgd, robustness,
-                      robustness_summary, square, summary_markdown, write_result, write_summary)
+from .attacks import (ATTACKS, SCORE_ATTACKS, PixelModel, check_settings, craft, differences, fgsm, markdown,
+                      merge_summaries, pgd, read_summary, robustness, robustness_summary, square, summary_markdown,
+                      write_result, write_summary)
 from .pictures import PICTURES, visualize
-from .runs import RunDir, copy_weights, plain_copy
+from .runs import RunDir, copy_weights
 
-__all__ = ["ATTACKS", "PICTURES", "SCORE_ATTACKS", "PixelModel", "RunDir", "Tracker", "alignment", "angle",
-           "copy_weights", "craft", "differences", "feedback_tensor", "fgsm", "markdown", "pgd", "plain_copy",
-           "robustness", "robustness_summary", "square", "summary_markdown", "visualize", "weight_layers",
-           "write_result", "write_summary"]
+__all__ = ["ATTACKS", "PICTURES", "PixelModel", "RunDir", "SCORE_ATTACKS", "Tracker", "alignment", "angle",
+           "check_settings", "copy_weights", "craft", "differences", "feedback_tensor", "fgsm", "markdown",
+           "merge_summaries", "pgd", "read_summary", "robustness", "robustness_summary", "square",
+           "summary_markdown", "visualize", "weight_layers", "write_result", "write_summary"]

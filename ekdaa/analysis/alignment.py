@@ -4,7 +4,7 @@
   W itself for ``bp``) and W. Absent (None) for ``dfa``, which sends nothing through W.
 * update angle: between the rule's update (the ``.grad`` a converted model's backward
   leaves) and the true gradient of the same loss, same batch, same weights (from the
-  plain twin, see :func:`~ekdaa.analysis.runs.plain_copy`). For ``dfa`` that compares each
+  plain twin, :func:`ekdaa.unconvert`). For ``dfa`` that compares each
   layer's update with backprop's. Undefined (None, with a note) where either is zero,
   e.g. backprop's gradient below a ``Sign`` activation.
 * sign flips (:class:`Tracker`, for networks with ``Sign``): per Sign layer, the fraction
@@ -18,18 +18,15 @@ reference defined there.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import Sign
-from ..rules import convert
-from .runs import copy_weights, plain_copy, rng_preserved
-
-if TYPE_CHECKING:
-    from ..train import Run
+from ..rules import convert, unconvert
+from .runs import copy_weights, rng_preserved
 
 
 def angle(a: Tensor, b: Tensor) -> float | None:
@@ -70,7 +67,7 @@ def alignment(model: nn.Module, batch: tuple[Tensor, Tensor], reference: nn.Modu
     (normalised inputs, labels), as ``{layer: {"feedback_angle": deg, "update_angle": deg}}``
     plus a ``"note"`` where an angle is None.
 
-    ``reference`` is the unconverted twin (e.g. :func:`~ekdaa.analysis.runs.plain_copy`); its
+    ``reference`` is the unconverted twin (e.g. ``ekdaa.unconvert(model)``); its
     weights are set to ``model``'s first. Leaves ``model``'s grads, mode and the RNG as found.
     """
     x, y = batch
@@ -111,18 +108,16 @@ def alignment(model: nn.Module, batch: tuple[Tensor, Tensor], reference: nn.Modu
 
 
 class Tracker:
-    """The per-epoch look inside a training run (``TrainConfig(track_alignment=True)``) on its
-    fixed batch, the first ``batch_size`` training images. Each call returns ``alignment``
-    (:func:`alignment` against the run's straight-through twin) and, if the network has Sign
-    layers, ``sign_flips``: per Sign layer, the fraction of its units on that batch whose sign
-    differs from the previous call's (the first call: from when the tracker was made, the start
-    of training or of its resumed part)."""
+    """A look inside a converted ``model`` as it trains (``TrainConfig(track_alignment=True)``:
+    every epoch), on one fixed ``batch`` (normalised inputs, labels; a run's first ``batch_size``
+    training images). Each call returns ``alignment`` (:func:`alignment` against the model's
+    straight-through twin) and, if the network has Sign layers, ``sign_flips``: per Sign layer,
+    the fraction of its units on the batch whose sign differs from the previous call's (the first
+    call: from when the tracker was made, the start of training or of its resumed part)."""
 
-    def __init__(self, run: Run):
-        cfg, data = run.cfg, run.data
-        self.model = run.model
-        self.batch = (data.normalizer(data.train[0][:cfg.batch_size]), data.train[1][:cfg.batch_size])
-        self.reference = convert(plain_copy(run.model, cfg, data.image_shape, data.num_classes), "bp-ste")
+    def __init__(self, model: nn.Module, batch: tuple[Tensor, Tensor]):
+        self.model, self.batch = model, batch
+        self.reference = convert(unconvert(model).eval(), "bp-ste", example_input=batch[0][:2])
         self.signs = self._signs()
 
     def _signs(self) -> dict[str, Tensor]:

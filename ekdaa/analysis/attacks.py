@@ -40,6 +40,12 @@ ATTACKS = ("fgsm", "pgd")
 #: Attacks that only query the model's outputs (no gradient, no substitute).
 SCORE_ATTACKS = ("square",)
 PIXEL_RANGE = (0.0, 255.0)
+#: What a summary row holds per seed (with its mean and std over seeds).
+MEASURES = ("accuracy", "clean_accuracy", "fraction_of_clean")
+#: Two rules are compared at equal clean accuracy when theirs differ by at most this (2 points).
+CLEAN_GAP = 0.02
+#: The settings a summary's rows were measured with: rows merge only when these agree.
+SETTINGS = ("eps_unit", "samples", "steps", "queries", "seed")
 
 
 class PixelModel(nn.Module):
@@ -296,7 +302,8 @@ def robustness_summary(targets: Sequence[str | Path], attacks: Sequence[str] = (
 
         def record(attack: str, e: float, run: RunDir, substitute: str, acc: float) -> None:
             records.append(dict(dataset=dataset, attack=attack, eps=e, rule=run.cfg.rule, substitute=substitute,
-                                seed=run.cfg.seed, run=run.name, accuracy=acc, clean_accuracy=clean[run.key]))
+                                seed=run.cfg.seed, run=run.name, accuracy=acc, clean_accuracy=clean[run.key],
+                                fraction_of_clean=acc / clean[run.key] if clean[run.key] else 0.0))
 
         for attack in attacks:
             for e in eps:
@@ -318,13 +325,13 @@ def robustness_summary(targets: Sequence[str | Path], attacks: Sequence[str] = (
     for rec in records:
         key = (rec["dataset"], rec["attack"], rec["eps"], rec["rule"], rec["substitute"])
         row = rows.setdefault(key, dict(zip(("dataset", "attack", "eps", "rule", "substitute"), key),
-                                        seeds=[], runs=[], accuracy=[], clean_accuracy=[]))
+                                        **{field: [] for field in ("seeds", "runs") + MEASURES}))
         row["seeds"].append(rec["seed"])
         row["runs"].append(rec["run"])
-        row["accuracy"].append(rec["accuracy"])
-        row["clean_accuracy"].append(rec["clean_accuracy"])
+        for field in MEASURES:
+            row[field].append(rec[field])
     for row in rows.values():
-        for field in ("accuracy", "clean_accuracy"):
+        for field in MEASURES:
             values = row[field]
             row[f"{field}_mean"] = statistics.mean(values)
             row[f"{field}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -334,29 +341,91 @@ def robustness_summary(targets: Sequence[str | Path], attacks: Sequence[str] = (
 
 def differences(summary: dict[str, Any], rule: str = "ekdaa", baseline: str = "bp") -> list[dict[str, Any]]:
     """``rule`` minus ``baseline`` per dataset, attack, substitute and eps, paired by seed: the
-    mean and standard deviation of the per-seed differences over the seeds both have."""
+    mean and standard deviation of the per-seed differences of accuracy and of accuracy as a
+    fraction of clean accuracy, over the seeds both have; with the clean accuracies' mean
+    difference and whether it is within :data:`CLEAN_GAP` (``equal_clean``: a fair comparison)."""
     by_key = {(r["dataset"], r["attack"], r["substitute"], r["eps"], r["rule"]): r for r in summary["rows"]}
     out = []
     for (dataset, attack, substitute, e, name), row in by_key.items():
         other = by_key.get((dataset, attack, substitute, e, baseline))
         if name != rule or other is None:
             continue
-        theirs = dict(zip(other["seeds"], other["accuracy"]))
-        diffs = [a - theirs[s] for s, a in zip(row["seeds"], row["accuracy"]) if s in theirs]
-        if diffs:
-            out.append(dict(dataset=dataset, attack=attack, substitute=substitute, eps=e, seeds=len(diffs),
-                            difference_mean=statistics.mean(diffs),
-                            difference_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0))
+        pairs = [(i, other["seeds"].index(s)) for i, s in enumerate(row["seeds"]) if s in other["seeds"]]
+        if not pairs:
+            continue
+        diff = {field: [row[field][i] - other[field][j] for i, j in pairs] for field in MEASURES}
+        spread = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+        clean_gap = statistics.mean(diff["clean_accuracy"])
+        out.append(dict(dataset=dataset, attack=attack, substitute=substitute, eps=e, seeds=len(pairs),
+                        difference_mean=statistics.mean(diff["accuracy"]), difference_std=spread(diff["accuracy"]),
+                        fraction_difference_mean=statistics.mean(diff["fraction_of_clean"]),
+                        fraction_difference_std=spread(diff["fraction_of_clean"]),
+                        clean_difference_mean=clean_gap, equal_clean=abs(clean_gap) <= CLEAN_GAP + 1e-9))
     return out
 
 
+def check_settings(earlier: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Refuses to add rows measured with other :data:`SETTINGS` to an ``earlier`` summary."""
+    changed = [k for k in SETTINGS if earlier.get(k) != settings[k]]
+    if changed:
+        raise ValueError("the summary already in --out was measured with other "
+                         + ", ".join(f"{k} ({earlier.get(k)} there, {settings[k]} now)" for k in changed)
+                         + ": use another --out, or the same settings")
+
+
+def read_summary(out: str | Path) -> dict[str, Any] | None:
+    """The ``summary.json`` in ``out`` (None when there is none)."""
+    path = Path(out) / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary.get("rows"), list):
+            raise ValueError("no rows")
+        return summary
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path} is not a robustness summary ({err}): move it away, or use another --out") from None
+
+
+def merge_summaries(earlier: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` with the rows of ``earlier`` whose dataset and attack it did not measure (a
+    summary built in pieces, e.g. Square Attack at fewer eps than the transfer attacks). Refuses
+    summaries measured with different settings (images, steps, queries, eps unit, seed)."""
+    check_settings(earlier, summary)
+    measured = {(r["dataset"], r["attack"]) for r in summary["rows"]}
+    kept = [r for r in earlier["rows"] if (r["dataset"], r["attack"]) not in measured]
+    for row in kept:  # rows written before fractions of clean accuracy were recorded
+        if "fraction_of_clean" not in row:
+            row["fraction_of_clean"] = [a / c if c else 0.0 for a, c in zip(row["accuracy"], row["clean_accuracy"])]
+            row["fraction_of_clean_mean"] = statistics.mean(row["fraction_of_clean"])
+            row["fraction_of_clean_std"] = (statistics.stdev(row["fraction_of_clean"])
+                                            if len(row["fraction_of_clean"]) > 1 else 0.0)
+    subs = summary["substitutes"] + [s for s in earlier["substitutes"] if s not in summary["substitutes"]
+                                     and any(r["substitute"] == s["run"] and r["dataset"] == s["dataset"]
+                                             for r in kept)]
+    return dict(summary, substitutes=subs, rows=kept + summary["rows"])
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """The summary as Markdown: per dataset and attack, accuracy (%) mean ± std over seeds at each
-    eps, with the clean accuracy; then EKDAA minus BP, paired by seed."""
+    """The summary as Markdown: each rule's clean accuracy on the attacked images, with a flag where
+    EKDAA's and BP's differ by more than :data:`CLEAN_GAP`; per dataset and attack, accuracy (%)
+    mean ± std over seeds at each eps; then EKDAA minus BP, paired by seed."""
     unit = summary["eps_unit"]
     lines = [f"First {summary['samples']} test images; eps in 1/{unit:g} of the pixel range; PGD {summary['steps']} "
              f"steps; Square Attack {summary['queries']} queries. Accuracy in %, mean ± std over seeds (n).", ""]
     pct = lambda m, s, n: f"{100 * m:.1f} ± {100 * s:.1f} ({n})"  # noqa: E731
+    clean = {(r["dataset"], r["rule"]): r for r in summary["rows"]}
+    lines += ["### Clean accuracy of the targets on these images", "", "| dataset | rule | clean | seeds |",
+              "|---|---|---|---|"]
+    lines += [f"| {d} | {rule} | {pct(r['clean_accuracy_mean'], r['clean_accuracy_std'], len(r['seeds']))} | "
+              f"{', '.join(map(str, r['seeds']))} |" for (d, rule), r in sorted(clean.items())]
+    diffs = differences(summary)
+    for dataset in sorted({d["dataset"] for d in diffs if not d["equal_clean"]}):
+        gap = next(d["clean_difference_mean"] for d in diffs if d["dataset"] == dataset)
+        lines += ["", f"**{dataset}: not at equal clean accuracy.** EKDAA's clean accuracy is {100 * gap:+.1f} "
+                  f"points from BP's (more than {100 * CLEAN_GAP:g}): its EKDAA - BP rows compare networks of "
+                  "different accuracy; read the fractions of clean accuracy, or train targets that match."]
+    lines.append("")
     for dataset, attack in sorted({(r["dataset"], r["attack"]) for r in summary["rows"]}):
         rows = [r for r in summary["rows"] if (r["dataset"], r["attack"]) == (dataset, attack)]
         eps = sorted({r["eps"] for r in rows})
@@ -369,12 +438,18 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                          + " | ".join(pct(cells[e]["accuracy_mean"], cells[e]["accuracy_std"], len(cells[e]["seeds"]))
                                       if e in cells else "-" for e in eps) + " |")
         lines.append("")
-    diffs = differences(summary)
     if diffs:
         lines += ["### EKDAA minus BP (points, paired by seed: mean ± std)", "",
-                  "| dataset | attack | substitute | eps | EKDAA - BP | seeds |", "|---|---|---|---|---|---|"]
+                  "Accuracy under attack, and accuracy as a fraction of each network's clean accuracy; clean gap: "
+                  f"EKDAA's clean accuracy minus BP's (flagged beyond {100 * CLEAN_GAP:g} points).", "",
+                  "| dataset | attack | substitute | eps | EKDAA - BP | as fraction of clean | clean gap | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {d['dataset']} | {d['attack']} | {d['substitute']} | {d['eps']:g} | "
-                  f"{100 * d['difference_mean']:+.1f} ± {100 * d['difference_std']:.1f} | {d['seeds']} |" for d in diffs]
+                  f"{100 * d['difference_mean']:+.1f} ± {100 * d['difference_std']:.1f} | "
+                  f"{100 * d['fraction_difference_mean']:+.1f} ± {100 * d['fraction_difference_std']:.1f} | "
+                  f"{100 * d['clean_difference_mean']:+.1f}{'' if d['equal_clean'] else ' (not equal)'} | "
+                  f"{d['seeds']} |" for d in sorted(diffs, key=lambda d: (d["dataset"], d["attack"], d["substitute"],
+                                                                          d["eps"]))]
     return "\n".join(lines) + "\n"
 
 

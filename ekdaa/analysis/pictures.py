@@ -50,6 +50,11 @@ def _colours(name: str = "tab10") -> Any:
     return colormaps[name]
 
 
+def rule_colour(rule: str) -> Any:
+    """A rule's colour, the same in every plot: its place in the rule registry."""
+    return _colours()(list(RULES).index(rule) % 10 if rule in RULES else 9)
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
@@ -293,7 +298,7 @@ def plot_suite(rows: Sequence[SuiteRow], title: str, path: Path) -> Path:
     fig = _figure("suite")
     ax = fig.add_subplot()
     rules = sorted({row.rule for row in rows}, key=lambda r: (list(RULES).index(r) if r in RULES else 99, r))
-    colour = {rule: _colours()(i % 10) for i, rule in enumerate(rules)}
+    colour = {rule: rule_colour(rule) for rule in rules}
     within: dict[str, int] = {}
     if all(len(m) == 1 for row in rows for m in row.seeds):
         rows = sorted(rows, key=lambda r: statistics.mean(100 * m[-1]["test_accuracy"] for m in r.seeds))
@@ -327,31 +332,36 @@ def plot_suite(rows: Sequence[SuiteRow], title: str, path: Path) -> Path:
 
 
 def plot_summary(summary: dict[str, Any], path: Path) -> Path:
-    """Accuracy against eps (eps 0: the clean accuracy), one panel per dataset and attack, one line
-    per rule and substitute, error bars the standard deviation over seeds."""
-    panels = sorted({(r["dataset"], r["attack"]) for r in summary["rows"]})
+    """Accuracy against eps (eps 0: the clean accuracy): one row of panels per dataset, one panel
+    per attack; colour = rule (as in the suite plots), line style = substitute; the line is the
+    mean over seeds, the band spans the lowest to the highest seed."""
+    order = ("fgsm", "pgd", "square")
+    datasets = sorted({r["dataset"] for r in summary["rows"]})
+    attacks = sorted({r["attack"] for r in summary["rows"]}, key=lambda a: (order.index(a) if a in order else 9, a))
     fig = _figure("robustness")
-    fig.set_size_inches(4.2 * len(panels) + 2.5, 4.2)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    cmap = _colours()
-    lines = sorted({(r["rule"], r["substitute"]) for r in summary["rows"]})
-    for ax, (dataset, attack) in zip(axes, panels):
-        for k, (rule, sub) in enumerate(lines):
-            rows = sorted((r for r in summary["rows"] if (r["dataset"], r["attack"], r["rule"], r["substitute"])
-                           == (dataset, attack, rule, sub)), key=lambda r: r["eps"])
-            if rows:
-                ax.errorbar([0] + [r["eps"] for r in rows],
-                            [100 * rows[0]["clean_accuracy_mean"]] + [100 * r["accuracy_mean"] for r in rows],
-                            yerr=[100 * rows[0]["clean_accuracy_std"]] + [100 * r["accuracy_std"] for r in rows],
-                            marker="o", ms=3, capsize=2, color=cmap(k % 10))
-        ax.set(title=f"{dataset}, {attack}", xlabel=f"eps (x/{summary['eps_unit']:g} of the pixel range)",
-               ylim=(0, 100))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy under attack (%)")
-    from matplotlib.lines import Line2D
-    handles = [Line2D([], [], color=cmap(k % 10), marker="o", ms=3, label=f"{rule}, substitute {sub}")
-               for k, (rule, sub) in enumerate(lines)]
-    axes[-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.set_size_inches(4.0 * len(attacks) + 3.0, 3.6 * len(datasets))
+    axes = fig.subplots(len(datasets), len(attacks), squeeze=False)
+    for row_axes, dataset in zip(axes, datasets):
+        subs = sorted({r["substitute"] for r in summary["rows"] if r["dataset"] == dataset})
+        for ax, attack in zip(row_axes, attacks):
+            rows = [r for r in summary["rows"] if (r["dataset"], r["attack"]) == (dataset, attack)]
+            if not rows:
+                ax.set_axis_off()
+                continue
+            for rule, sub in sorted({(r["rule"], r["substitute"]) for r in rows}):
+                line = sorted((r for r in rows if (r["rule"], r["substitute"]) == (rule, sub)), key=lambda r: r["eps"])
+                eps = [0.0] + [r["eps"] for r in line]
+                acc = np.array([line[0]["clean_accuracy"]] + [r["accuracy"] for r in line]) * 100
+                style = LINESTYLES[subs.index(sub) % len(LINESTYLES)]
+                label = f"{rule}, {len(line[0]['seeds'])} seed(s)" + ("" if sub.startswith("none") else f", from {sub}")
+                ax.plot(eps, acc.mean(1), style, marker="o", ms=3, color=rule_colour(rule), label=label)
+                if acc.shape[1] > 1:
+                    ax.fill_between(eps, acc.min(1), acc.max(1), color=rule_colour(rule), alpha=0.15, lw=0)
+            ax.set(title=f"{dataset}, {attack}", xlabel=f"eps (x/{summary['eps_unit']:g} of the pixel range)",
+                   ylabel="test accuracy under attack (%)", ylim=(0, 100))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, loc="upper right")
+    fig.suptitle(f"first {summary['samples']} test images; mean over seeds, band min..max", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

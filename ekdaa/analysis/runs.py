@@ -1,13 +1,12 @@
-"""Run directories as analysis sees them, and the plain (autograd) twin of a converted model.
+"""Run directories as analysis sees them.
 
 A converted model's backward is its rule's, not autograd's. True gradients (the backprop
 reference of :func:`~ekdaa.analysis.alignment` and the input gradients of white-box attacks)
-come from :func:`plain_copy`: the same network rebuilt unconverted, with the same weights.
+come from its plain twin, :func:`ekdaa.unconvert`: the same network, the same weights.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from functools import cached_property
 from pathlib import Path
@@ -16,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import Normalizer, load_dataset
-from ..models import build_model
 from ..checkpoint import TrainedModel, load_model, read_metrics
 from ..config import TrainConfig, TrainError, resolve_device
+from ..data import Normalizer, load_dataset
+from ..rules import unconvert
 
 #: state_dict names of feedback tensors (EKDAA's error kernels, FA/KP/DFA's B): a plain model has none
 FEEDBACK_KEYS = ("error_kernel", "feedback")
@@ -40,16 +39,6 @@ def copy_weights(plain: nn.Module, converted: nn.Module) -> nn.Module:
         raise ValueError("the plain reference model does not match the converted model: "
                          f"{' '.join(str(err).split())[:300]}") from err
     return plain
-
-
-def plain_copy(model: nn.Module, cfg: TrainConfig, image_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """An unconverted copy of a run's converted ``model`` (rebuilt from ``cfg``, weights copied),
-    in eval mode on ``model``'s device: its backward is autograd's true gradient. Leaves the
-    global RNG untouched."""
-    device = next(model.parameters()).device
-    with rng_preserved(device):
-        plain = build_model(cfg.model, image_shape, num_classes, activation=cfg.activation, bias=cfg.bias)
-    return copy_weights(plain.to(device), model).eval()
 
 
 class RunDir:
@@ -98,7 +87,7 @@ class RunDir:
 
     def plain(self) -> nn.Module:
         """The model unconverted (autograd backward), same weights, eval mode."""
-        return plain_copy(self.model, self.cfg, self.image_shape, self._loaded.num_classes)
+        return unconvert(self.model).eval()
 
     def test_images(self, samples: int = 0, data_dir: str | None = None) -> tuple[Tensor, Tensor, tuple[str, ...]]:
         """The first ``samples`` test images (0: all) as uint8 on the device, labels, class names."""

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import ConversionError, Option, Rule
+from .base import ConversionError, Option, Rule, unconvert
 from .bp import BP
 from .dfa import DirectFeedbackAlignment
 from .ekdaa import EKDAA
@@ -97,4 +97,4 @@ def _learned_feedback(model: nn.Module, rule: Rule | None) -> list[nn.Parameter]
 
 
 __all__ = ["COMPILE_OPTIONS", "RULES", "Option", "Rule", "ConversionError", "compile", "convert", "make_rule",
-           "param_groups"]
+           "param_groups", "unconvert"]

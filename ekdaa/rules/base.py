@@ -8,13 +8,18 @@ A rule subclasses :class:`Rule` and overrides only the hooks it needs:
   replacement module (default: the module itself, i.e. plain autograd);
 * ``feedback(layer)``: the tensor the error is sent down through (default: the
   tensor attached under ``feedback_name``);
-* ``layer_output(layer, h)``: a last look at a converted layer's output (DFA's hub).
+* ``layer_output(layer, h)``: a last look at a converted layer's output (DFA's hub);
+* ``unconvert(model)``: undo what ``convert`` did to the model itself (hooks, frozen parameters).
+
+A module a rule puts in place of another (or turns into) has ``unconverted()``, which returns the
+plain module again: :func:`unconvert` walks the model with it.
 
 A rule's options are declared once, in ``OPTIONS``: ``Rule.__init__`` checks and sets
 them, and ``TrainConfig``, ``ekdaa train``'s flags and the suites take them from there.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from torch import Tensor, nn
 
 from ..layers import (ACTIVATIONS, FEEDBACK_CLASSES, INVERSE_STD_NORMS, NORMS, PASSTHROUGH, Sign, conv_args,
                       glorot_like, layer_init_like)
+from .calls import ACTIVATION_CALLS, MODULE_FORM, activation_calls
 
 
 class ConversionError(ValueError):
@@ -111,6 +117,9 @@ class Rule:
     batchnorm_advice: ClassVar[str] = ""
     #: the option choosing how a random feedback tensor is drawn (``feedback_init``), if the rule has one
     init_option: ClassVar[str | None] = None
+    #: activations that, applied as functions in a forward (``F.relu(x)``), would train otherwise than this
+    #: rule says: refused at conversion (sign: its derivative is 0, as for the Sign module)
+    refused_calls: ClassVar[frozenset[str]] = frozenset({"sign"})
 
     def __init__(self, **options: Any):
         known = {o.name: o for o in self.OPTIONS}
@@ -149,6 +158,9 @@ class Rule:
     def layer_output(self, layer: nn.Module, h: Tensor) -> Tensor:
         return h
 
+    def unconvert(self, model: nn.Module) -> None:
+        """Called on the plain copy :func:`unconvert` makes, after its modules are plain again."""
+
     # -- machinery -----------------------------------------------------------
     def attach_feedback(self, layer: nn.Module, tensor: Tensor | None, learned: bool | None) -> None:
         """Turn ``layer`` into its Feedback* class in place and register ``tensor``:
@@ -175,10 +187,42 @@ class Rule:
             warnings.warn(f"{self.name}: this network has BatchNorm, and the defaults of {', '.join(unset)} were "
                           f"chosen without it: {self.batchnorm_advice}; pass {', '.join(unset)} explicitly (the "
                           "defaults included) to silence this", stacklevel=_outside_package())
+        self.check_calls(model, example_input)
         self.prepare(model, example_input)
         model = self._convert(model, "")
         model.ekdaa_rule = self
         return model
+
+    def check_calls(self, model: nn.Module, example_input: Tensor | None) -> None:
+        """Refuses a model whose modules apply, as a function, an activation in ``refused_calls``
+        (found on ``example_input``, else in an FX trace of each module's forward)."""
+        if not self.refused_calls:
+            return
+        found, untraced = activation_calls(model, example_input)
+        found = [call for call in found if call[2] in self.refused_calls]
+        if found:
+            path, module, name = found[0]
+            more = len({(p, n) for p, _, n in found}) - 1
+            if name == "sign" and self.uses_derivative:
+                why = (f"sign's derivative is 0 almost everywhere, so under rule {self.name!r} nothing below it "
+                       "would learn; use rule 'ekdaa' or 'bp-ste' with the module ekdaa.Sign()")
+            else:
+                form = MODULE_FORM.get(name)
+                why = (f"rule {self.name!r} treats activations its own way only as modules, so this one would "
+                       "silently train by autograd's derivative instead; "
+                       + (f"use the module form, {form}, one instance per use" if form else
+                          f"{name} has no module form this rule trains: use one of "
+                          f"{', '.join(t.__name__ for t in ACTIVATIONS)}"))
+            raise ConversionError(f"module '{path or '<root>'}' ({type(module).__name__}) applies {name} as a "
+                                  f"function in its forward{f' (and {more} more such calls)' if more else ''}: {why}")
+        if untraced:
+            path, module, why = untraced[0]
+            message = (f"rule {self.name!r}: could not read the forward of module '{path or '<root>'}' "
+                       f"({type(module).__name__}) to check it for activations applied as functions ({why}); "
+                       "pass example_input= (one batch) to ekdaa.convert so the check runs on it")
+            if self.refused_calls >= ACTIVATION_CALLS:
+                raise ConversionError(message)
+            warnings.warn(message, stacklevel=_outside_package())
 
     def _convert(self, module: nn.Module, path: str) -> nn.Module:
         where = path or "<root>"
@@ -218,6 +262,31 @@ class Rule:
             if new is not child:
                 setattr(module, name, new)
         return module
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """A plain PyTorch copy of a converted ``model`` (a DistributedDataParallel or compiled one
+    included): the same modules as before conversion, with the trained W, b and normalisation
+    state, feedback tensors dropped, so its ``state_dict`` loads into the original class. The
+    converted model is left as it is."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    rule = getattr(model, "ekdaa_rule", None)
+    if rule is None:
+        raise ConversionError("unconvert: the model is not converted (ekdaa.convert gives one)")
+    plain = copy.deepcopy(model)
+    del plain.ekdaa_rule
+    plain = _unconverted(plain)
+    rule.unconvert(plain)
+    return plain
+
+
+def _unconverted(module: nn.Module) -> nn.Module:
+    for name, child in list(module.named_children()):
+        new = _unconverted(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module.unconverted() if hasattr(module, "unconverted") else module
 
 
 class RandomFeedbackRule(Rule):

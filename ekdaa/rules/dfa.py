@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..layers import ACTIVATIONS, FEEDBACK_CLASSES
 from .base import NORM_BACKWARD, ConversionError, Rule
+from .calls import ACTIVATION_CALLS
 
 
 class _HubFn(torch.autograd.Function):
@@ -63,11 +64,15 @@ class DirectFeedback(nn.Module):
             self.rule.pending.append((z, self.feedback))
         return z
 
+    def unconverted(self) -> nn.Module:
+        return self.activation
+
 
 class DirectFeedbackAlignment(Rule):
     """Direct feedback alignment: fixed random projections of the output error."""
 
     name = "dfa"
+    refused_calls = ACTIVATION_CALLS  # each activation module receives the output error directly
     OPTIONS = (NORM_BACKWARD,)
 
     def __init__(self, **options: Any) -> None:
@@ -114,6 +119,11 @@ class DirectFeedbackAlignment(Rule):
         model = super().convert(model, example_input)
         model.register_forward_pre_hook(_start_forward)  # only once converted: a failed conversion leaves none
         return model
+
+    def unconvert(self, model: nn.Module) -> None:
+        for key, hook in list(model._forward_pre_hooks.items()):
+            if hook is _start_forward:
+                del model._forward_pre_hooks[key]
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, None, learned=None)

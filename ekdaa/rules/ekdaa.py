@@ -48,6 +48,7 @@ from torch.nn.modules.utils import _pair
 from ..fused import Fused
 from ..layers import RECOMPUTE, Sign, activation_function, kept_input, recomputable
 from .base import NORM_BACKWARD, ConversionError, Option, Rule, random_feedback
+from .calls import ACTIVATION_CALLS
 
 
 def tanh_by_exp(u: Tensor) -> Tensor:
@@ -220,6 +221,9 @@ class ErrorMap(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return _ErrorMapFn.apply(h, self) if torch.is_grad_enabled() else self.f(h)
 
+    def unconverted(self) -> nn.Module:
+        return self.activation
+
 
 class _MaxPoolFn(torch.autograd.Function):
     """Max-pool forward; backward sends d to the winning unit with autograd's own kernel, which
@@ -259,6 +263,11 @@ class MaxPool2d(nn.MaxPool2d):
             return super().forward(x)
         return _MaxPoolFn.apply(x, self)
 
+    def unconverted(self) -> nn.Module:
+        del self.args
+        self.__class__ = nn.MaxPool2d
+        return self
+
 
 class _BilinearRouteFn(torch.autograd.Function):
     """Max-pool forward; backward spreads d over the pool's input by bilinear upsampling."""
@@ -283,6 +292,9 @@ class BilinearRoutedPool(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _BilinearRouteFn.apply(x, self.pool) if torch.is_grad_enabled() else self.pool(x)
 
+    def unconverted(self) -> nn.Module:
+        return self.pool
+
 
 class EKDAA(Rule):
     """Error-kernel driven activation alignment; its options are ``OPTIONS`` (README: "EKDAA options")."""
@@ -290,6 +302,7 @@ class EKDAA(Rule):
     name = "ekdaa"
     feedback_name = "error_kernel"
     uses_derivative = False
+    refused_calls = ACTIVATION_CALLS  # the error map replaces each activation module
     batchnorm_choices = ("beta", "error_kernel_init")
     init_option = "error_kernel_init"
     batchnorm_advice = ("through every norm Glorot error kernels amplify d and beta compounds (README: \"Feedback "

@@ -24,6 +24,7 @@ class LastLayer(Rule):
 
     name = "last-layer"
     uses_derivative = False
+    refused_calls = frozenset()  # no error travels below the output layer, through any activation
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, None, learned=None)
@@ -37,3 +38,6 @@ class LastLayer(Rule):
         model.requires_grad_(False)
         output.requires_grad_(True)
         return model
+
+    def unconvert(self, model: nn.Module) -> None:
+        model.requires_grad_(True)  # the hidden layers this rule froze

@@ -35,6 +35,9 @@ class StraightThroughSign(Sign):
     def forward(self, h: Tensor) -> Tensor:
         return _StraightThroughSignFn.apply(h) if torch.is_grad_enabled() else torch.sign(h)
 
+    def unconverted(self) -> nn.Module:
+        return Sign()
+
 
 class StraightThroughBP(BP):
     """Backprop; Sign gets the saturated straight-through pseudo-derivative."""
