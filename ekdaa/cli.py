@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from . import __version__
 from .analysis import ATTACKS, PICTURES, SCORE_ATTACKS
 from .config import Diverged, Stopped, TrainConfig, TrainError
-from .data import DATASETS, DataError
+from .data import DATASET_NAMES, DataError, dataset_label
 from .models import RECOMMENDED
 from .rules import ConversionError
 
@@ -40,7 +40,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=described)
         else:
             group.add_argument(flag, type=str if default is None else kind, help=described,
-                               choices=list(choices) if choices is not None else None)
+                               choices=choices)
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     checkpoint = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint  # a run directory
     result = evaluate_checkpoint(checkpoint, dataset=args.dataset, data_dir=args.data_dir,
                                  device=args.device, split=args.split, recompute_bn=args.recompute_bn)
-    out = Path(args.out) if args.out else checkpoint.with_name(f"eval-{result['dataset']}-{args.split}.json")
+    out = Path(args.out) if args.out else checkpoint.with_name(f"eval-{dataset_label(result['dataset'])}-{args.split}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['dataset']} {args.split}: accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
           f"({result['images']} images) -> {out}")
@@ -214,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint", description="Accuracy of a checkpoint; "
                        "writes JSON beside it (or to --out).")
     e.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt, or its run directory")
-    e.add_argument("--dataset", choices=list(DATASETS), help="dataset (default: the run's)")
+    e.add_argument("--dataset", choices=DATASET_NAMES, help="dataset (default: the run's)")
     e.add_argument("--split", choices=("test", "train", "val"), default="test", help="split (default test)")
     e.add_argument("--data-dir", help="folder with one sub-folder per dataset (default: the run's)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

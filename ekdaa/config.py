@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 import torch
 
-from .data import DATASETS, NORMALIZATIONS
+from .data import DATASET_NAMES, NORMALIZATIONS
+from .data.folder import is_folder
 from .models import ACTIVATIONS, MODELS, RECOMMENDED
 from .rules import RULES, ConversionError, Option
 
@@ -19,7 +20,9 @@ SCHEDULES = ("none", "cosine", "step")
 AMP = ("none", "bf16")
 #: TrainConfig fields that say where and how fast a run computes, not what (or when it gives up):
 #: a resumed run may change them (and ``epochs``, to extend it); any other change is refused.
-MACHINE_FIELDS = ("out", "device", "data_dir", "download", "eval_batch_size", "compile", "cuda_graph", "max_loss")
+MACHINE_FIELDS = ("out", "device", "data_dir", "download", "eval_batch_size", "compile", "cuda_graph", "max_loss",
+                  "log")
+LOGS = ("none", "tensorboard")
 
 
 class TrainError(Exception):
@@ -57,7 +60,8 @@ class _RunFields:
     """Everything that defines a run besides its rule's options (the defaults train the
     digits quickstart)."""
 
-    dataset: str = _option("digits", "dataset", WHAT, choices=lambda: DATASETS)
+    dataset: str = _option("digits", "dataset: a registered one, or folder:PATH (one sub-folder of images per "
+                           "class, or PATH/train/ and PATH/test/)", WHAT, choices=lambda: DATASET_NAMES)
     model: str = _option("paper-cnn", "network", WHAT, choices=lambda: MODELS)
     rule: str = _option("ekdaa", "learning rule", WHAT, choices=lambda: RULES)
     activation: str = _option("tanh", "activation", WHAT, choices=lambda: ACTIVATIONS)
@@ -79,6 +83,8 @@ class _RunFields:
     download: bool = _option(True, "download missing files", DATA)
     val_split: int = _option(0, "hold out this many training images for validation, fixed by seed", DATA,
                              minimum=0)
+    image_size: int = _option(0, "folder datasets: resize every image to N x N (0: as they are, one size)", DATA,
+                              minimum=0)
     train_subset: int = _option(0, "train on the first N training images only (0: all)", DATA, minimum=0)
     normalization: str = _option("half", "half: x/255-0.5; standard: per-channel mean/std", DATA,
                                  choices=NORMALIZATIONS)
@@ -95,6 +101,9 @@ class _RunFields:
     track_alignment: bool = _option(False, "log per-layer angles (feedback vs W, update vs backprop) and Sign "
                                     "layers' flips to metrics.jsonl each epoch", MACHINE)
     out: str | None = _option(None, "run directory for config, metrics, summary and checkpoint", MACHINE)
+    log: str = _option("none", "tensorboard: also per-step loss and learning rate, per-epoch metrics and alignment "
+                       "angles as TensorBoard files in OUT/tensorboard (pip install 'ekdaa[tensorboard]')", MACHINE,
+                       choices=LOGS)
     extra: dict[str, Any] = _option(dict, "free-form notes kept with the run", MACHINE, cli=False)
 
     def __post_init__(self) -> None:
@@ -118,6 +127,10 @@ class _RunFields:
                              f"option: fix its @register_model (options: {', '.join(sorted(options))})")
         return {k: float(v) if type(options[k]) is float else v for k, v in recommended.items()}
 
+    def dataset_options(self) -> dict[str, Any]:
+        """What ``load_dataset`` takes besides the name: a folder dataset's ``image_size``."""
+        return dict(image_size=self.image_size) if is_folder(self.dataset) else {}
+
     def rule_options(self) -> dict[str, Any]:
         """The options of this run's rule, as ``ekdaa.convert`` takes them."""
         return {o.name: getattr(self, o.name) for o in RULES[self.rule].OPTIONS if o.train}
@@ -137,6 +150,10 @@ class _RunFields:
             if rules and self.rule not in rules and value not in (f.metadata["default"], recommended.get(f.name)):
                 raise TrainError(f"{f.name} is an option of rule {', '.join(rules)}, not of {self.rule!r}: "
                                  "drop it or choose that rule")
+        if self.log != "none" and not self.out:
+            raise TrainError(f"--log {self.log} writes into the run directory: give --out DIR")
+        if self.image_size and not is_folder(self.dataset):
+            raise TrainError(f"image_size is for folder:PATH datasets; {self.dataset} has its own size: drop it")
         try:
             RULES[self.rule](**self.rule_options())
         except ConversionError as err:

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .data import DataError, missing_files
+from .data import DataError, dataset_label, missing_files
 from .rules import RULES
 from .checkpoint import read_metrics, writable_folder
 from .config import MACHINE_FIELDS, Diverged, TrainConfig, TrainError
@@ -166,7 +166,7 @@ def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[
             writable_folder(folder, flag)
     for run in plan(suite, datasets, rules, seeds, activations):
         ds = run.config.dataset
-        record = Path(results) / name / ds / run.name
+        record = Path(results) / name / dataset_label(ds) / run.name
         if (record / "summary.json").exists():
             done.append(record)
             if dry_run:
@@ -179,7 +179,7 @@ def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[
                 log(f"skip {ds}: {skipped[ds]}")
         if ds in skipped:
             continue
-        work = Path(runs_dir) / name / ds / run.name
+        work = Path(runs_dir) / name / dataset_label(ds) / run.name
         cfg = dataclasses.replace(run.config, out=str(work), data_dir=data_dir, device=device, download=download)
         resume = (work / "checkpoint.pt").exists()
         log(f"{'resume' if resume else 'train'}{'  ' if dry_run else ' '}{ds}/{run.name}")

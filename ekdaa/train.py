@@ -42,6 +42,7 @@ from .layers import NORMS
 from .models import build_model
 from .rules import compile as compile_model
 from .rules import convert, param_groups, unconvert
+from .tensorboard import TensorBoard
 
 __all__ = ["AMP", "MACHINE_FIELDS", "OPTIMIZERS", "SCHEDULES", "Data", "Diverged", "Result", "Run", "Stopped",
            "TrainConfig", "TrainError", "build", "evaluate", "evaluate_checkpoint", "load_checkpoint", "load_model",
@@ -62,7 +63,7 @@ class Data:
 
 
 def prepare_data(cfg: TrainConfig, device: torch.device) -> Data:
-    ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, **cfg.dataset_options())
     train = (ds.train_x, ds.train_y)
     val = None
     if cfg.val_split:
@@ -183,6 +184,9 @@ def environment() -> dict[str, Any]:
                 machine=platform.machine(), threads=torch.get_num_threads())
 
 
+#: Training steps between two looks at the host (progress, divergence, stop signals, TensorBoard)
+SYNC_EVERY = 20
+
 #: The signals that stop a run as Ctrl-C does (SIGTERM: what schedulers send first; SIGUSR1: a requeue)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
@@ -196,6 +200,35 @@ class Run:
                  progress: bool | None = None):
         cfg.validate()
         self.cfg, self.log, self.progress = cfg, log, progress
+        self._join_processes()
+        self.out = Path(cfg.out) if cfg.out else None
+        self.lock, self.logfile, self.board = None, None, None
+        if self.out is not None and self.dist.is_main:  # before anything is written: one writer per directory
+            self._claim_run_directory()
+        saved = None
+        if resume:
+            self.cfg, saved = self._resume_point(cfg)
+        elif self.out is not None and any((self.out / f).exists() for f in ("checkpoint.pt", "config.json")):
+            raise TrainError(f"{self.out} already holds a run: continue it with --resume or choose "
+                             "another --out")  # every rank looks
+        self.data = prepare_data(self.cfg, self.device)
+        self._build(saved)
+        if self.out is not None and self.dist.is_main:  # a resumed run's config.json gets its new epochs
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.out / "config.json", json.dumps(
+                dict(config=dataclasses.asdict(self.cfg), environment=environment()), indent=2) + "\n")
+            if self.cfg.log == "tensorboard":
+                self.board = TensorBoard(self.out / "tensorboard", self.device, SYNC_EVERY)
+        self.tracker = self._tracker() if self.cfg.track_alignment else None
+        self.max_loss = self.cfg.max_loss or 100 * math.log(self.data.num_classes)
+        self.stop_signal, self.stopping = 0, False  # a signal seen here; one seen by any process
+        self._record(f"{'resume' if resume else 'start'} at epoch {self.state.epoch + 1} step {self.state.step}: "
+                     f"{self.cfg.rule} on {self.cfg.dataset} ({self.cfg.model}), {self.cfg.epochs} epochs, "
+                     f"{self.device}, {self.dist.world} process(es), pid {os.getpid()}")
+
+    def _join_processes(self) -> None:
+        """The device and, under torchrun, the process group; only the main process logs."""
+        cfg = self.cfg
         self.device = resolve_device(cfg.device)
         self.dist = distributed.setup(self.device)
         if self.device.type == "cuda" and self.dist.world > 1:
@@ -209,21 +242,17 @@ class Run:
             raise TrainError(f"--cuda-graph needs one CUDA device, no torchrun and no --compile (this run: "
                              f"{self.device.type}, {self.dist.world} process(es), compile {cfg.compile}): "
                              "drop --cuda-graph or train on one GPU")
-        self.out = Path(cfg.out) if cfg.out else None
-        self.lock, self.logfile = None, None
-        if self.out is not None and self.dist.is_main:  # before anything is written: one writer per directory
-            self.lock = RunLock(self.out)
-            remove_temporary_files(self.out)
-            self.logfile = self._open_log()
-            self.log = self._tee(self.log)
-        saved = None
-        if resume:
-            cfg, saved = self._resume_point(cfg)
-            self.cfg = cfg
-        elif self.out is not None and any((self.out / f).exists() for f in ("checkpoint.pt", "config.json")):
-            raise TrainError(f"{self.out} already holds a run: continue it with --resume or choose "
-                             "another --out")  # every rank looks
-        self.data = prepare_data(cfg, self.device)
+
+    def _claim_run_directory(self) -> None:
+        """Lock the run directory, remove what a killed save left, open train.log."""
+        self.lock = RunLock(self.out)
+        remove_temporary_files(self.out)
+        self.logfile = self._open_log()
+        self.log = self._tee(self.log)
+
+    def _build(self, saved: dict[str, Any] | None) -> None:
+        """Model, optimizer, schedule and state, from the checkpoint ``saved`` when resuming."""
+        cfg = self.cfg
         self.model, self.opt, self.sched = build(cfg, self.data, self.device)
         self.net = self.model  # what the step calls: DistributedDataParallel across ranks
         if self.dist.world > 1:
@@ -244,19 +273,11 @@ class Run:
         # after the restore: a checkpoint's groups may say otherwise
         set_capturable(self.opt, self.device.type == "cuda")
         self.graphed = GraphedStep(self._train_step, self.opt) if cfg.cuda_graph else None
-        if self.out is not None and self.dist.is_main:  # a resumed run's config.json gets its new epochs
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.out / "config.json", json.dumps(
-                dict(config=dataclasses.asdict(cfg), environment=environment()), indent=2) + "\n")
-        self.tracker = None  # the per-epoch look inside (alignment, sign flips), from the state reached
-        if cfg.track_alignment:
-            x, y = self.data.train
-            self.tracker = Tracker(self.model, (self.data.normalizer(x[:cfg.batch_size]), y[:cfg.batch_size]))
-        self.max_loss = cfg.max_loss or 100 * math.log(self.data.num_classes)
-        self.stop_signal, self.stopping = 0, False  # a signal seen here; one seen by any process
-        self._record(f"{'resume' if resume else 'start'} at epoch {self.state.epoch + 1} step {self.state.step}: "
-                     f"{cfg.rule} on {cfg.dataset} ({cfg.model}), {cfg.epochs} epochs, {self.device}, "
-                     f"{self.dist.world} process(es), pid {os.getpid()}")
+
+    def _tracker(self) -> Tracker:
+        """The per-epoch look inside (alignment, sign flips) on the first training batch, from the state reached."""
+        x, y = self.data.train
+        return Tracker(self.model, (self.data.normalizer(x[:self.cfg.batch_size]), y[:self.cfg.batch_size]))
 
     def _open_log(self) -> Any:
         try:
@@ -277,7 +298,10 @@ class Run:
         return both
 
     def close(self) -> None:
-        """Let go of the run directory (its lock and log); ``fit`` does this when it returns or fails."""
+        """Let go of the run directory (its lock and logs); ``fit`` does this when it returns or fails."""
+        if self.board is not None:
+            self.board.close()
+            self.board = None
         if self.logfile is not None:
             self.logfile.close()
             self.logfile = None
@@ -386,12 +410,14 @@ class Run:
             for xb, yb in self._batches():
                 self._step(xb, yb)
                 bar.update(1)
-                # every 20 steps, or at once when signalled (one process; several agree at the next 20)
+                # every SYNC_EVERY steps, or at once when signalled (one process; several agree at the next look)
                 signalled = self.stop_signal and self.dist.world == 1
-                if self.state.step % 20 and self.state.step != n_steps and not signalled:
+                if self.state.step % SYNC_EVERY and self.state.step != n_steps and not signalled:
                     continue
                 loss_sum, correct, seen = self.state.running.tolist()
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+                if self.board is not None:
+                    self.board.flush(self.state.epoch * n_steps + self.state.step, self.opt.param_groups[0]["lr"])
                 if self._check():  # a stop signal: stop at this step boundary, resumable exactly
                     self.stopping = True
                     break
@@ -413,6 +439,8 @@ class Run:
         if cfg.augment:
             inp = augment(inp, self.aug_gen, flip=cfg.dataset == "cifar10")
         loss, correct = (self.graphed or self._train_step)(inp, yb)
+        if self.board is not None:
+            self.board.step(loss)
         self.state.running[0] += loss.double() * len(yb)  # in place: no host tensor per step
         self.state.running[1] += correct
         self.state.running[2] += len(yb)
@@ -490,6 +518,8 @@ class Run:
         if self._best_on_validation():
             self.checkpoint("checkpoint-best.pt")
         self._write_metrics()
+        if self.board is not None:
+            self.board.epoch(record)
         self.log(_epoch_line(record, self.cfg.epochs))
 
     def _evaluate(self) -> dict[str, float | None]:

@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 
 import pytest
 import torch
@@ -407,3 +408,28 @@ def test_eval_recomputes_batchnorm_statistics_under_the_final_weights(tmp_path, 
     train(plain, log=lambda s: None)
     assert main(["eval", "--checkpoint", str(tmp_path / "plain" / "checkpoint.pt"), "--recompute-bn", "10"]) == 1
     assert "model (mlp) has no BatchNorm to recompute" in capsys.readouterr().err
+
+
+def test_tensorboard_logs_every_steps_loss_and_each_epoch(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = tiny(tmp_path, epochs=2, log="tensorboard", track_alignment=True, train_subset=300)  # 9 x 32, 1 x 12
+    train(cfg, log=lambda s: None)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    steps = events.Scalars("train/loss_step")
+    assert [e.step for e in steps] == list(range(1, 21))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sizes = [32] * 9 + [12]
+    for epoch, record in enumerate(records):
+        losses = [e.value for e in steps[10 * epoch:10 * (epoch + 1)]]
+        mean = sum(loss * n for loss, n in zip(losses, sizes)) / sum(sizes)
+        assert mean == pytest.approx(record["train_loss"], rel=1e-5)  # each step's own loss
+    assert [e.value for e in events.Scalars("epoch/test_accuracy")] == pytest.approx(
+        [r["test_accuracy"] for r in records])
+    assert [e.value for e in events.Scalars("alignment/1/update_angle")] == pytest.approx(
+        [r["alignment"]["1"]["update_angle"] for r in records])
+    with pytest.raises(TrainError, match="--log tensorboard writes into the run directory: give --out"):
+        train(dataclasses.replace(cfg, out=None), log=lambda s: None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    with pytest.raises(TrainError, match=r"needs the tensorboard package: pip install 'ekdaa\[tensorboard\]'"):
+        train(tiny(tmp_path, "none", log="tensorboard"), log=lambda s: None)

@@ -91,6 +91,7 @@ class RunDir:
 
     def test_images(self, samples: int = 0, data_dir: str | None = None) -> tuple[Tensor, Tensor, tuple[str, ...]]:
         """The first ``samples`` test images (0: all) as uint8 on the device, labels, class names."""
-        ds = load_dataset(self.cfg.dataset, data_dir or self.cfg.data_dir, download=self.cfg.download)
+        ds = load_dataset(self.cfg.dataset, data_dir or self.cfg.data_dir, download=self.cfg.download,
+                          **self.cfg.dataset_options())
         n = samples or len(ds.test_y)
         return ds.test_x[:n].to(self.device), ds.test_y[:n].to(self.device), ds.classes

@@ -1,4 +1,5 @@
-"""The dataset registry: name -> loader, and load_dataset."""
+"""The dataset registry: name -> loader, and load_dataset; ``folder:PATH`` names a folder of
+your own images (:mod:`ekdaa.data.folder`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .dataset import DataError, ImageDataset
+from .folder import folder_label, is_folder, load_folder
+from .folder import missing as folder_missing
 from .store import DataStore
 
 Loader = Callable[..., ImageDataset]
@@ -33,8 +36,28 @@ def register_dataset(name: str, files: Files | None = None) -> Callable[[Loader]
     return add
 
 
+class _Names:
+    """The dataset names a run may take: every registered one, and ``folder:PATH``."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in DATASETS or isinstance(name, str) and is_folder(name)
+
+    def __iter__(self):
+        return iter([*DATASETS, "folder:PATH"])
+
+
+DATASET_NAMES = _Names()
+
+
+def dataset_label(name: str) -> str:
+    """A dataset's name as a file name (``folder:PATH`` has slashes): for results/<suite>/<label>/."""
+    return folder_label(name) if is_folder(name) else name
+
+
 def missing_files(name: str, data_dir: str | os.PathLike | None = None) -> str | None:
     """Which of a dataset's files are absent (None: all there), looking only at the file system."""
+    if is_folder(name):
+        return folder_missing(name)
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
     absent = [group for group in DATASET_FILES[name](DataStore(data_dir)) if not any(p.exists() for p in group)]
@@ -54,7 +77,13 @@ def load_dataset(
     Files are looked for in data_dir/<dataset folder>/ when data_dir is given, else in the
     cache ($EKDAA_DATA, or the user cache dir). A missing file is downloaded into that same
     place when download is True. options go to the loader (e.g. extra=True for "svhn").
+    ``folder:PATH`` reads your own images from PATH (option ``image_size``; no download).
     """
+    if is_folder(name):
+        unknown = sorted(set(options) - {"image_size"})
+        if unknown:
+            raise DataError(f"folder datasets take only the option image_size, not {unknown}")
+        return load_folder(name, **options)  # type: ignore[arg-type]
     loader = DATASETS.get(name)
     if loader is None:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
