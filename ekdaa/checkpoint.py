@@ -133,12 +133,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise TrainError(f"checkpoint {path} does not exist: pass the checkpoint.pt of a run directory")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, foreign pickle, ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights only load failed" in reason.lower():  # torch's text goes on to suggest running its code
+    except Exception as err:  # truncated zip, foreign pickle, ...: torch's own text is for its developers
+        if "weights only load failed" in str(err).lower():
             reason = "it holds Python objects, which an ekdaa checkpoint never does (loading them could run code)"
-        raise TrainError(f"checkpoint {path} is unreadable (truncated or not an ekdaa checkpoint): "
-                         f"{reason[:200]}") from err
+        else:
+            reason = f"its {path.stat().st_size} bytes are not a whole torch file (cut short, or another kind of file)"
+        raise TrainError(f"checkpoint {path} is unreadable: {reason}; restore it from a copy or train the run "
+                         "again") from err
     if not isinstance(state, dict) or state.get("format") not in (CHECKPOINT_FORMAT, *_UNCHECKED_FORMATS):
         raise TrainError(f"checkpoint {path} is not an ekdaa checkpoint (format {CHECKPOINT_FORMAT})")
     if state["format"] == CHECKPOINT_FORMAT and state.pop("digest", None) != digest(state):

@@ -83,6 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     teardown(finished=True)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: summary[k] for k in ("rule", "dataset", "epochs", "test_accuracy", "seconds")}))
+        print(f"run directory: {cfg.out}" if cfg.out else "no --out: nothing of this run was kept (pass --out "
+              "runs/NAME for its checkpoint, metrics and model.pt)", file=sys.stderr)
     return 0
 
 
@@ -318,10 +320,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ekdaa: error: {where}{err.strerror or err}: check the path, its permissions and the free space "
               "there", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("ekdaa: interrupted (a single-process run with --out saved its checkpoint at the last step: "
-              "continue it with --resume)", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        print(f"ekdaa: interrupted{_what_was_kept(args)}", file=sys.stderr)
         return 130
+
+
+def _what_was_kept(args: argparse.Namespace) -> str:
+    """For an interrupted ``ekdaa train``: where its last checkpoint is, if it has one."""
+    if args.func is not cmd_train:
+        return ""
+    out = getattr(args, "out", None)
+    if out is None:
+        return "; nothing was kept (no --out)"
+    if (Path(out) / "checkpoint.pt").exists():
+        return f"; the last checkpoint in {out} is intact: continue with ekdaa train --resume --out {out}"
+    return f"; {out} holds no checkpoint yet (it starts again from the beginning with --resume)"
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .data import DataError, dataset_label, missing_files
+from .data import DataError, dataset_label, missing_files, reachable
 from .rules import RULES
 from .checkpoint import read_metrics, writable_folder
 from .config import MACHINE_FIELDS, Diverged, TrainConfig, TrainError
@@ -156,11 +156,15 @@ def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[
               results: str | Path = "results", runs_dir: str | Path = "runs", download: bool = True,
               dry_run: bool = False, log: Callable[[str], None] = print) -> list[Path]:
     """Train every missing run of a suite (``dry_run``: only say, per run, done / train /
-    resume / skip); return the record folders of its finished runs."""
+    resume / skip, with totals and a time estimate); return the record folders of its finished runs."""
     suite = load_suite(suite)
     name = suite["suite"]["name"]
-    done, skipped, failed = [], {}, {}
+    done, skipped, failed, checked = [], {}, {}, set()
+    to_train: list[tuple[PlannedRun, bool]] = []
     origin = provenance(name)  # the code this process runs
+    if not Path(results).is_dir():
+        log(f"no {results}/ folder here: no run counts as done (run from the folder that holds it, or pass "
+            "--results)")
     if not dry_run:  # before hours of training, not after
         for folder, flag in ((Path(results) / name, "--results"), (Path(runs_dir) / name, "--runs")):
             writable_folder(folder, flag)
@@ -172,10 +176,16 @@ def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[
             if dry_run:
                 log(f"done    {ds}/{run.name}")
             continue
-        if ds not in skipped and not download:
+        if ds not in checked:  # once per dataset: can its files be had?
+            checked.add(ds)
             reason = missing_files(ds, data_dir)
-            if reason:
+            if reason and not download:
                 skipped[ds] = f"{reason} (downloads off)"
+            elif reason and dry_run and not reachable(ds):
+                skipped[ds] = f"{reason}, and its download host cannot be reached (no network?)"
+            elif reason and dry_run:
+                log(f"download {ds} first: {reason}")
+            if ds in skipped:
                 log(f"skip {ds}: {skipped[ds]}")
         if ds in skipped:
             continue
@@ -184,6 +194,7 @@ def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[
         resume = (work / "checkpoint.pt").exists()
         log(f"{'resume' if resume else 'train'}{'  ' if dry_run else ' '}{ds}/{run.name}")
         if dry_run:
+            to_train.append((run, resume))
             continue
         try:
             train(cfg, resume=resume, log=log)
@@ -200,12 +211,35 @@ def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[
             shutil.copy(work / file, record / file)
         (record / "provenance.json").write_text(json.dumps({**origin, "label": run.label}, indent=2))
         done.append(record)
+    if dry_run:
+        log(_totals(done, to_train, skipped))
     for file, notes in (("skipped.json", skipped), ("diverged.json", failed)):
         if notes and not dry_run:
             path = Path(results) / name / file
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(notes, indent=2) + "\n")
     return done
+
+
+def _totals(done: list[Path], to_train: list[tuple[PlannedRun, bool]], skipped: dict[str, str]) -> str:
+    """A dry run's last line: how many runs are done, to train and skipped, and about how long the
+    training would take at the pace of the finished records of the same dataset and model."""
+    pace: dict[tuple[str, str], list[float]] = {}  # seconds per epoch
+    for record in done:
+        s = json.loads((record / "summary.json").read_text())
+        if s.get("seconds") and s.get("epochs"):
+            pace.setdefault((s["dataset"], s["model"]), []).append(s["seconds"] / s["epochs"])
+    known = [(run, statistics.mean(pace[key])) for run, _ in to_train
+             if (key := (run.config.dataset, run.config.model)) in pace]
+    hours = sum(per_epoch * run.config.epochs for run, per_epoch in known) / 3600
+    line = (f"{len(done)} done, {len(to_train)} to train ({sum(r for _, r in to_train)} resuming), "
+            f"{len(skipped)} dataset(s) skipped")
+    if known:
+        line += (f"; about {hours:.1f} h for {len(known)} of them at the pace of the finished records (full runs; "
+                 "a resumed one needs less)")
+    if len(known) < len(to_train):
+        line += f"; no estimate for {len(to_train) - len(known)} (no finished run of their dataset and model)"
+    return line
 
 
 # -- the report ------------------------------------------------------------------
@@ -219,6 +253,25 @@ def _records(results: Path) -> Iterator[dict[str, Any]]:
                    suite=folder.parts[-3], dataset=folder.parts[-2])
 
 
+def _runs_report(folder: Path, out: Path) -> Path:
+    """RESULTS.md for run directories anywhere under ``folder`` (``ekdaa train --out``), one row each."""
+    runs = sorted(p.parent for p in folder.glob("**/summary.json") if (p.parent / "config.json").exists())
+    if not runs:
+        raise TrainError(f"no finished runs under {folder}: pass --results pointing at suite records (ekdaa "
+                         "reproduce) or at a folder of run directories (ekdaa train --out)")
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = ["# Runs", "", f"Every finished run directory under `{folder}` (`ekdaa train --out`); accuracies in %.",
+             "", "| run | rule | dataset | model | activation | epochs | seed | test acc | val acc | train acc | "
+             "wall time (s) |", "|" + " --- |" * 11]
+    for run in runs:
+        s = json.loads((run / "summary.json").read_text())
+        lines.append(f"| {run.relative_to(folder).as_posix()} | {s['rule']} | {s['dataset']} | {s['model']} | "
+                     f"{s['activation']} | {s['epochs']} | {s['seed']} | {pct(s['test_accuracy'])} | "
+                     f"{pct(s['val_accuracy'])} | {pct(s['train_accuracy'])} | {s['seconds']:.0f} |")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -230,10 +283,11 @@ def _mean_std(values: list[float]) -> str:
 def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> Path:
     """Write the results table (mean ± std over seeds per suite, dataset, row,
     activation) and learning-curve PNGs under ``results/figures``. A suite's
-    ``results/SUITE/NOTES.md``, if any, is quoted under its heading."""
+    ``results/SUITE/NOTES.md``, if any, is quoted under its heading. A folder of run directories
+    written by ``ekdaa train --out`` (no suite records) gets one table of its runs."""
     results = Path(results)
-    if not any(results.glob("*/*/*/summary.json")):
-        raise TrainError(f"no finished runs under {results}: run ekdaa reproduce first (or pass --results)")
+    if not any(results.glob("*/*/*/provenance.json")):
+        return _runs_report(results, Path(out))
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for rec in _records(results):
         s = rec["summary"]

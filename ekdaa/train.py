@@ -102,14 +102,18 @@ def build(cfg: TrainConfig, data: Data, device: torch.device) -> tuple[nn.Module
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, normalizer: Normalizer, batch_size: int = 1000,
              amp: str = "none", channels_last: bool = False,
-             dist: distributed.Dist = distributed.Dist()) -> tuple[float, float]:
+             dist: distributed.Dist = distributed.Dist(), progress: bool | None = None,
+             desc: str = "eval") -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on uint8 images ``x`` (each rank
-    evaluates every ``dist.world``-th image; the sums are combined)."""
+    evaluates every ``dist.world``-th image; the sums are combined). ``progress``: a progress
+    bar (None: when the output is a terminal)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=x.device, dtype=torch.float64)  # loss, correct, count
     x, y = x[dist.rank::dist.world], y[dist.rank::dist.world]
-    for xb, yb in batches(x, y, batch_size, shuffle=False, generator=None):
+    bar = tqdm(batches(x, y, batch_size, shuffle=False, generator=None), total=math.ceil(len(y) / batch_size),
+               desc=desc, leave=False, disable=_hidden(progress) if dist.is_main else True)
+    for xb, yb in bar:
         inp = _inputs(normalizer, xb, channels_last)
         with _autocast(x.device, amp):
             logits = model(inp)
@@ -139,6 +143,11 @@ def recompute_batchnorm(model: nn.Module, x: Tensor, normalizer: Normalizer, bat
         m.momentum = momentum
     model.train(was_training)
     return len(norms)
+
+
+def _hidden(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a ``progress`` choice (None: tqdm decides, shown on a terminal)."""
+    return None if progress is None else not progress
 
 
 def _inputs(normalizer: Normalizer, xb: Tensor, channels_last: bool) -> Tensor:
@@ -404,7 +413,7 @@ class Run:
         global_batch = self.cfg.batch_size * self.dist.world
         n_steps = n // global_batch if self.dist.world > 1 else math.ceil(n / global_batch)
         bar = tqdm(total=n_steps, initial=self.state.step, desc=f"epoch {self.state.epoch + 1}/{self.cfg.epochs}",
-                   leave=False, disable=not self.progress if self.progress is not None else None)
+                   leave=False, disable=_hidden(self.progress))
         start = time.perf_counter()
         try:
             for xb, yb in self._batches():
@@ -529,7 +538,7 @@ class Run:
                 out[f"{split}_loss"] = out[f"{split}_accuracy"] = None
                 continue
             loss, acc = evaluate(self.model, *pair, self.data.normalizer, self.cfg.eval_batch_size,
-                                 self.cfg.amp, self.cfg.channels_last, self.dist)
+                                 self.cfg.amp, self.cfg.channels_last, self.dist, self.progress, split)
             out[f"{split}_loss"], out[f"{split}_accuracy"] = loss, acc
         return out
 
@@ -596,7 +605,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     if recompute_bn and not recompute_batchnorm(trained.model, data.train[0][:recompute_bn], trained.normalizer,
                                                 cfg.batch_size, cfg.channels_last):
         raise TrainError(f"--recompute-bn: the checkpoint's model ({cfg.model}) has no BatchNorm to recompute")
-    loss, acc = evaluate(trained.model, *pair, trained.normalizer, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
+    loss, acc = evaluate(trained.model, *pair, trained.normalizer, cfg.eval_batch_size, cfg.amp, cfg.channels_last,
+                         desc=f"eval {split}")
     return dict(checkpoint=str(checkpoint), dataset=cfg.dataset, split=split, rule=cfg.rule,
                 model=cfg.model, accuracy=acc, loss=loss, images=len(pair[1]),
                 recompute_bn_images=min(recompute_bn, len(data.train[1])))

@@ -31,6 +31,7 @@ from ekdaa.analysis import (
     write_result,
 )
 from ekdaa.analysis.attacks import accuracy
+from ekdaa.analysis import pictures
 from ekdaa.analysis.pictures import DPI, SIZES
 from ekdaa.cli import main
 from ekdaa.models import build_model
@@ -221,6 +222,25 @@ def test_visualize_command_draws_all_for_several_runs(runs, tmp_path, capsys):
         visualize([runs["bp"]], "kernels", tmp_path, device="cpu")
     with pytest.raises(ValueError, match="--track-alignment"):
         visualize([runs["bp"]], "alignment", tmp_path, device="cpu")
+
+
+def test_curves_have_a_row_per_dataset_a_legend_per_panel_and_room_around_one_epoch(runs, tmp_path,
+                                                                                    monkeypatch):
+    one = tiny(tmp_path, "one-epoch", epochs=1)
+    other = tmp_path / "cifar-run"  # the same run, said to be of another dataset
+    shutil.copytree(one, other)
+    state = load_checkpoint(other / "checkpoint.pt")
+    state["config"]["dataset"] = "cifar10"
+    save_edited(state, other / "checkpoint.pt")
+    figures = []
+    monkeypatch.setattr(pictures, "_save", lambda fig, path: figures.append(fig) or path)
+    pictures.plot_curves([RunDir(one), RunDir(runs["cnn"]), RunDir(other)], tmp_path)
+    axes = figures[0].axes
+    assert [ax.get_title().split(":")[0] for ax in axes] == ["cifar10", "cifar10", "digits", "digits"]
+    assert all(ax.get_legend() is not None for ax in axes)
+    assert axes[0].get_xlim() == (0.5, 1.5)  # the one-epoch run alone on its row
+    markers = {line.get_label().rsplit(" ", 1)[1]: line.get_marker() for line in axes[2].get_lines()}
+    assert markers == {"train": "o", "test": "^"}  # splits differ by marker, not only by line style
 
 
 @pytest.mark.parametrize("command", ["visualize", "attack"])

@@ -295,6 +295,18 @@ def test_download_failures_become_data_errors(
     with pytest.raises(DataError):
         load_dataset("svhn", tmp_path, download=True)
     assert (tmp_path / "svhn" / "notes.txt").read_text() == "mine"  # a folder that was there stays
+    with pytest.raises(DataError):
+        load_dataset("svhn", tmp_path / "new" / "data", download=True)
+    assert not (tmp_path / "new").exists()  # a --data-dir the download made is gone too
+
+
+def test_data_dir_may_be_the_datasets_own_folder(tmp_path: Path) -> None:
+    arrays = fashion_arrays()
+    folder = write_fashion(tmp_path, arrays)
+    ds = load_dataset("fashion-mnist", folder, download=False)
+    np.testing.assert_array_equal(ds.test_y.numpy(), arrays["t10k-labels-idx1-ubyte.gz"])
+    with pytest.raises(DataError, match=r"--data-dir is the folder that holds fashion-mnist/"):
+        load_dataset("fashion-mnist", tmp_path / "elsewhere", download=False)
 
 
 def test_cache_dir_comes_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -110,6 +110,7 @@ def test_train_and_eval_a_folder_from_the_cli(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--dataset", f"folder:{root}", "--model", "mlp", "--epochs", "2", "--batch-size", "8",
                  "--optimizer", "sgd", "--lr", "0.1", "--out", str(out), "--device", "cpu"]) == 0
+    assert f"run directory: {out}" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == f"folder:{root}" and summary["test_accuracy"] > 0.5  # chance: 0.5
     assert main(["eval", "--checkpoint", str(out), "--dataset", f"folder:{root}"]) == 0

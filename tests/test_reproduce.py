@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ekdaa import reproduce as rp
-from ekdaa.train import TrainError
+from ekdaa.train import TrainConfig, TrainError, train
 
 SUITE = """
 [suite]
@@ -108,9 +108,26 @@ def test_dry_run_and_no_download_look_without_training_or_loading(suite, tmp_pat
     kw = dict(rules=["bp"], activations=["tanh"], seeds=[0], data_dir=str(tmp_path / "no-data"), log=lines.append)
     assert rp.reproduce(suite, dry_run=True, download=False, **kw) == []
     name = rp.plan(rp.load_suite(suite), datasets=["digits"], rules=["bp"], seeds=[0], activations=["tanh"])[0].name
-    assert lines[0] == f"train  digits/{name}"
-    assert lines[1].startswith("skip cifar10: ") and "cifar-10-binary.tar.gz not found (downloads off)" in lines[1]
+    assert lines[0].startswith("no results/ folder here: no run counts as done")
+    assert lines[1] == f"train  digits/{name}"
+    assert lines[2].startswith("skip cifar10: ") and "cifar-10-binary.tar.gz not found (downloads off)" in lines[2]
+    assert lines[3] == "0 done, 1 to train (0 resuming), 1 dataset(s) skipped; no estimate for 1 (no finished run " \
+                       "of their dataset and model)"
     assert not (tmp_path / "results").exists()  # nothing written, not even skipped.json
+    lines.clear()  # downloads on: a host that does not answer skips the dataset, one that does is said
+    monkeypatch.setattr(rp, "reachable", lambda name: False)
+    rp.reproduce(suite, dry_run=True, **kw)
+    assert "and its download host cannot be reached (no network?)" in lines[2]
+    lines.clear()
+    monkeypatch.setattr(rp, "reachable", lambda name: True)
+    rp.reproduce(suite, dry_run=True, **kw)
+    assert lines[2].startswith("download cifar10 first: ") and lines[3].startswith("train  cifar10/")
+    record = tmp_path / "results" / "tiny" / "digits" / name  # a finished record sets the pace
+    record.mkdir(parents=True)
+    (record / "summary.json").write_text(json.dumps(dict(dataset="digits", model="mlp", epochs=2, seconds=7200)))
+    lines.clear()
+    rp.reproduce(suite, dry_run=True, download=False, **{**kw, "seeds": [0, 1]})
+    assert lines[-1].startswith("1 done, 1 to train (0 resuming), 1 dataset(s) skipped; about 1.0 h for 1 of them")
 
 
 def test_cli_reproduce_finds_shipped_suites_from_anywhere(tmp_path, monkeypatch, capsys):
@@ -153,6 +170,18 @@ def test_report_without_runs_is_an_error(tmp_path):
     with pytest.raises(TrainError, match="no finished runs"):
         rp.report(tmp_path / "nothing", tmp_path / "RESULTS.md")
     assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_report_of_run_directories_made_by_ekdaa_train(tmp_path):
+    for rule in ("bp", "ekdaa"):
+        train(TrainConfig(dataset="digits", model="mlp", rule=rule, epochs=1, train_subset=100, device="cpu",
+                          out=str(tmp_path / "runs" / "digits" / rule)), log=lambda s: None)
+    text = rp.report(tmp_path / "runs", tmp_path / "RESULTS.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| digits/")]
+    assert [row.split(" | ")[:3] for row in rows] == [["| digits/bp", "bp", "digits"], ["| digits/ekdaa", "ekdaa",
+                                                                                         "digits"]]
+    summary = json.loads((tmp_path / "runs" / "digits" / "bp" / "summary.json").read_text())
+    assert f"| {100 * summary['test_accuracy']:.2f} |" in rows[0]
 
 
 def test_bad_suites(tmp_path):

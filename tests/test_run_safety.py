@@ -230,3 +230,21 @@ def test_unwritable_paths_are_one_line_before_any_training(tmp_path, capsys, arg
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("ekdaa: error: ") and "Traceback" not in err
     assert time.time() - start < 30  # refused before it trains
+
+
+def test_an_interrupted_train_command_says_what_was_kept(tmp_path, monkeypatch, capsys):
+    import ekdaa.train
+
+    def interrupted(cfg, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ekdaa.train, "train", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out)]) == 130
+    assert f"{out} holds no checkpoint yet" in capsys.readouterr().err
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")
+    assert main(["train", "--out", str(out)]) == 130
+    assert f"the last checkpoint in {out} is intact: continue with ekdaa train --resume --out {out}" in \
+        capsys.readouterr().err
+    assert main(["train"]) == 130
+    assert capsys.readouterr().err == "ekdaa: interrupted; nothing was kept (no --out)\n"

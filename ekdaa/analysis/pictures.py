@@ -172,28 +172,42 @@ def _series(records: list[dict[str, Any]], *keys: str) -> tuple[list[int], list[
     return [r["epoch"] for r in records], values
 
 
+#: How each split is drawn in learning curves: line style and marker (colour: the run).
+SPLIT_STYLES = {"train": ("--", "o"), "val": (":", "s"), "test": ("-", "^")}
+
+
 def plot_curves(runs: Sequence[RunDir], out: Path) -> Path:
-    """Loss and accuracy per epoch (train: running mean over the epoch; val; test) of ``runs``."""
-    fig = _figure("curves")
-    axes = fig.subplots(1, 2)
-    cmap = _colours()
-    for i, run in enumerate(runs):
+    """Loss and accuracy per epoch (train: running mean over the epoch; val; test) of ``runs``:
+    one row of panels per dataset, colour = run, line style and marker = split, a legend on every
+    panel."""
+    for run in runs:
         if not run.metrics:
             raise ValueError(f"run {run.path} has no metrics.jsonl records to plot")
-        for split, style in (("train", "--"), ("val", ":"), ("test", "-")):
-            for ax, quantity in zip(axes, ("loss", "accuracy")):
-                epochs, values = _series(run.metrics, f"{split}_{quantity}")
-                if not np.isnan(values).all():
-                    ax.plot(epochs, values, style, marker="o", ms=3, color=cmap(i % 10), label=f"{run.label} {split}")
-    for ax, quantity in zip(axes, ("cross-entropy loss", "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(quantity)
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0].set_title("loss (train: running mean over the epoch)", fontsize=10)
-    axes[1].set_title("accuracy", fontsize=10)
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"Learning curves: {', '.join(run.label for run in runs)}", fontsize=11)
+    datasets = sorted({run.cfg.dataset for run in runs})
+    fig = _figure("curves")
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height * len(datasets))
+    cmap = _colours()
+    for row, dataset in zip(fig.subplots(len(datasets), 2, squeeze=False), datasets):
+        last = 1
+        for i, run in enumerate(runs):
+            if run.cfg.dataset != dataset:
+                continue
+            for split, (style, marker) in SPLIT_STYLES.items():
+                for ax, quantity in zip(row, ("loss", "accuracy")):
+                    epochs, values = _series(run.metrics, f"{split}_{quantity}")
+                    if not np.isnan(values).all():
+                        ax.plot(epochs, values, style, marker=marker, ms=4, color=cmap(i % 10),
+                                label=f"{run.label} {split}")
+                        last = max(last, epochs[-1])
+        for ax, quantity in zip(row, ("loss (train: running mean over the epoch)", "accuracy")):
+            ax.set(xlabel="epoch", ylabel=quantity.split(" ")[0], title=f"{dataset}: {quantity}",
+                   xlim=(0.5, last + 0.5))  # one epoch too: a readable axis around it
+            ax.title.set_fontsize(9)
+            ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Learning curves: {', '.join(run.label for run in runs)}", fontsize=10)
     fig.tight_layout()
     return _save(fig, out / f"{_joint_name(runs)}-curves.png")
 

@@ -6,7 +6,8 @@ decorated with @register_dataset("name"); or train on a folder of your own image
 
 from . import loaders as _loaders  # noqa: F401  (registers the built-in datasets)
 from .dataset import DataError, ImageDataset
-from .registry import DATASET_NAMES, DATASETS, dataset_label, load_dataset, missing_files, register_dataset
+from .registry import (DATASET_NAMES, DATASETS, dataset_label, load_dataset, missing_files, reachable,
+                       register_dataset)
 from .store import DataStore, RemoteFile, default_data_dir
 from .transforms import NORMALIZATIONS, Normalizer, augment, batches, split_validation
 
@@ -25,6 +26,7 @@ __all__ = [
     "default_data_dir",
     "load_dataset",
     "missing_files",
+    "reachable",
     "register_dataset",
     "split_validation",
 ]

@@ -84,7 +84,7 @@ def _fashion_files(store: DataStore) -> list[tuple[Path, ...]]:
     return [(store.path("fashion-mnist", name),) for name in FASHION_MD5]
 
 
-@register_dataset("fashion-mnist", files=_fashion_files)
+@register_dataset("fashion-mnist", files=_fashion_files, source=FASHION_URL)
 def load_fashion_mnist(store: DataStore) -> ImageDataset:
     """Fashion-MNIST: 60,000 + 10,000 grey 28x28 images, official IDX files."""
     train, test = _fashion_split(store, "train"), _fashion_split(store, "t10k")
@@ -122,7 +122,7 @@ def _cifar_files(store: DataStore) -> list[tuple[Path, ...]]:
     return [(store.path(CIFAR_TAR.folder, CIFAR_DIR), store.path(CIFAR_TAR.folder, CIFAR_TAR.name))]
 
 
-@register_dataset("cifar10", files=_cifar_files)
+@register_dataset("cifar10", files=_cifar_files, source=CIFAR_URL)
 def load_cifar10(store: DataStore) -> ImageDataset:
     """CIFAR-10: 50,000 + 10,000 colour 32x32 images, from cifar-10-batches-bin/ or the .tar.gz.
 
@@ -145,7 +145,7 @@ def _svhn_files(store: DataStore) -> list[tuple[Path, ...]]:
     return [(store.path("svhn", f"{split}_32x32.mat"),) for split in ("train", "test")]
 
 
-@register_dataset("svhn", files=_svhn_files)
+@register_dataset("svhn", files=_svhn_files, source=SVHN_URL)
 def load_svhn(store: DataStore, *, extra: bool = False) -> ImageDataset:
     """SVHN cropped digits: 73,257 + 26,032 colour 32x32 images, official .mat files.
 

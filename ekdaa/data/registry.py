@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .dataset import DataError, ImageDataset
 from .folder import folder_label, is_folder, load_folder
@@ -19,18 +21,22 @@ Files = Callable[[DataStore], list[tuple[Path, ...]]]
 
 DATASETS: dict[str, Loader] = {}
 DATASET_FILES: dict[str, Files] = {}
+#: Where a dataset's missing files download from (an URL of its host).
+DATASET_SOURCES: dict[str, str] = {}
 
 
-def register_dataset(name: str, files: Files | None = None) -> Callable[[Loader], Loader]:
+def register_dataset(name: str, files: Files | None = None, source: str | None = None) -> Callable[[Loader], Loader]:
     """Decorator adding a loader, called as loader(store: DataStore, **options), under a name;
     ``files(store)`` lists what it reads (none: it reads no file), so presence can be checked
-    without loading."""
+    without loading; ``source`` is the URL it downloads from, if any."""
 
     def add(loader: Loader) -> Loader:
         if name in DATASETS:
             raise DataError(f"dataset {name!r} is already registered (by {DATASETS[name].__qualname__})")
         DATASETS[name] = loader
         DATASET_FILES[name] = files or (lambda store: [])
+        if source:
+            DATASET_SOURCES[name] = source
         return loader
 
     return add
@@ -64,6 +70,18 @@ def missing_files(name: str, data_dir: str | os.PathLike | None = None) -> str |
     if not absent:
         return None
     return "; ".join(" or ".join(map(str, group)) for group in absent) + " not found"
+
+
+def reachable(name: str, timeout: float = 3.0) -> bool:
+    """Whether the host a dataset downloads from answers a connection (False without a source)."""
+    url = urlsplit(DATASET_SOURCES.get(name, ""))
+    if not url.hostname:
+        return False
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_dataset(

@@ -72,7 +72,10 @@ class DataStore:
         return self._root
 
     def path(self, folder: str, name: str) -> Path:
-        """Where a file of a dataset folder lives (it may not exist)."""
+        """Where a file of a dataset folder lives (it may not exist). A data directory that is the
+        dataset's folder itself (``--data-dir .../fashion-mnist``) is taken as that folder."""
+        if self.root.name == folder and not (self.root / folder).exists():
+            return self.root / name
         return self.root / folder / name
 
     def fetch(self, remote: RemoteFile, alternative: Path | None = None) -> Path:
@@ -84,7 +87,7 @@ class DataStore:
             also = f" (nor the extracted folder {alternative})" if alternative else ""
             raise DataError(
                 f"{path}: file not found{also}; download it from {remote.url} "
-                "and put it there, or allow downloads"
+                f"and put it there, or allow downloads (--data-dir is the folder that holds {remote.folder}/)"
             )
         return self._download(remote, path)
 
@@ -97,7 +100,7 @@ class DataStore:
     @staticmethod
     def _download(remote: RemoteFile, path: Path) -> Path:
         pooch = _pooch(f"downloading {remote.url}")
-        created = not path.parent.exists()
+        created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # innermost first
         try:
             pooch.retrieve(
                 remote.url,
@@ -107,9 +110,9 @@ class DataStore:
                 progressbar=True,
             )
         except (ValueError, OSError) as err:
-            if created:  # leave no empty dataset folder behind
+            for folder in created:  # leave no empty folder behind, --data-dir included
                 with suppress(OSError):
-                    path.parent.rmdir()
+                    folder.rmdir()
             if isinstance(err, ValueError):  # pooch's checksum mismatch (the bad download is deleted)
                 raise DataError(
                     f"{path}: the download from {remote.url} failed its checksum ({one_line(err)}); "
