@@ -7,7 +7,7 @@ commits compare: a git worktree of the older one on PYTHONPATH), one JSON line:
 paper-cnn, SGD step, 2 threads: ms/step (median of alternating blocks) and ratio at batch 50, 256 and
 1 (3x8x8, host-bound); peak memory ratio (torch profiler); aten ops of forward + backward (dispatch
 mode, fused error map off) and convolution_backward dtypes, in float32 and under bf16 autocast."""
-import sys, time, statistics, collections, json, contextlib, torch, torch.nn.functional as F
+import time, statistics, collections, json, torch, torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.profiler import profile, ProfilerActivity
 import ekdaa, ekdaa.fused as fused

@@ -280,3 +280,16 @@ def layer_init_std(weight: Tensor) -> float:
 def glorot_std(weight: Tensor) -> float:
     fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
     return (2.0 / (fan_in + fan_out)) ** 0.5
+
+
+def weight_rms(weight: Tensor) -> float:
+    """W's root-mean-square, the standard deviation of its initialiser whatever drew it (one number
+    per layer, read once); :func:`layer_init_std` where W is all zero."""
+    rms = weight.detach().float().square().mean().sqrt().item()
+    return rms if rms > 0 else layer_init_std(weight)
+
+
+def matched_like(weight: Tensor) -> Tensor:
+    """A fresh uniform tensor of W's shape, independent of W's values, with W's RMS (:func:`weight_rms`)."""
+    bound = math.sqrt(3) * weight_rms(weight)
+    return torch.empty_like(weight, memory_format=torch.contiguous_format).uniform_(-bound, bound)

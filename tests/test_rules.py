@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ekdaa
+from ekdaa.layers import layer_init_std
 from ekdaa.models import build_model
 from ekdaa.rules import ConversionError, make_rule
 from ekdaa.rules.dfa import DirectFeedback
@@ -427,6 +428,54 @@ def test_layer_init_feedback_is_independent_of_w_on_its_initial_scale(rule):
             w = drawn[i].weight.detach().flatten()
             assert abs(torch.corrcoef(torch.stack([b, w]))[0, 1]) < 0.1  # a fresh draw, not W
             assert torch.equal(drawn[i].weight, net[i].weight)  # and W itself untouched
+
+
+def kaiming_initialised(net: nn.Module) -> nn.Module:
+    """``net`` with its convolutions drawn as torchvision's ResNets draw them (He normal, fan-out)."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
+@pytest.mark.parametrize("rule", list(RANDOM_FEEDBACK))
+def test_matched_feedback_takes_w_own_scale_whatever_its_initialiser(rule):
+    torch.manual_seed(0)
+    net = kaiming_initialised(nn.Sequential(nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten()))
+    rms = [m.weight.detach().square().mean().sqrt().item() for m in (net[0], net[2])]
+    matched = ekdaa.convert(copy.deepcopy(net), rule, **{RANDOM_FEEDBACK[rule]: "matched"})
+    layer_init = ekdaa.convert(copy.deepcopy(net), rule, **{RANDOM_FEEDBACK[rule]: "layer-init"})
+    for i, w_rms in zip((0, 2), rms):
+        assert feedback_scale(matched[i]) == pytest.approx(w_rms, rel=0.05)
+        assert feedback_scale(layer_init[i]) < 0.5 * w_rms  # the default initialiser's scale, not this W's
+        assert torch.equal(matched[i].weight, net[i].weight)
+        if rule != "sign-symmetry":
+            b, w = matched[i].rule.feedback(matched[i]).detach().flatten(), net[i].weight.detach().flatten()
+            assert abs(torch.corrcoef(torch.stack([b, w]))[0, 1]) < 0.1  # a fresh draw, not W
+    zero = nn.Sequential(nn.Linear(30, 20))
+    nn.init.zeros_(zero[0].weight)  # nothing to match: the layer's default initialiser's scale
+    converted = ekdaa.convert(zero, rule, **{RANDOM_FEEDBACK[rule]: "matched"})
+    if rule != "sign-symmetry":  # sign(0) = 0 sends nothing whatever the scale
+        assert feedback_scale(converted[0]) == pytest.approx(layer_init_std(zero[0].weight), rel=0.2)
+
+
+def test_matched_feedback_keeps_a_kaiming_initialised_resnet_update_on_backprops_scale():
+    """Kaiming's convolutions are about 2.4 times nn.Conv2d's default: feedback drawn by the default
+    initialiser then shrinks the error through every BatchNorm, and the first convolution's relative
+    update at initialisation falls a hundredfold below backprop's; W's own scale keeps it near."""
+    torch.manual_seed(0)
+    net = kaiming_initialised(build_model("resnet20", (3, 8, 8), 10))
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+
+    def relative_update(rule: str, **options) -> float:
+        model = ekdaa.convert(copy.deepcopy(net), rule, **options)
+        F.cross_entropy(model(x), y).backward()
+        return (model[0].weight.grad.norm() / model[0].weight.norm()).item()
+
+    bp = relative_update("bp")
+    for rule, option in RANDOM_FEEDBACK.items():
+        assert relative_update(rule, **chosen(rule, **{option: "layer-init"})) < bp / 20, rule
+        assert bp / 20 < relative_update(rule, **chosen(rule, **{option: "matched"})) < 20 * bp, rule
 
 
 def test_layer_init_feedback_keeps_a_batchnorm_resnet_update_on_backprops_scale():

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ..layers import (ACTIVATIONS, FEEDBACK_CLASSES, INVERSE_STD_NORMS, NORMS, PASSTHROUGH, Sign, conv_args,
-                      glorot_like, layer_init_like)
+                      glorot_like, glorot_std, layer_init_like, layer_init_std, matched_like, weight_rms)
 from .calls import ACTIVATION_CALLS, MODULE_FORM, activation_calls
 
 
@@ -77,15 +77,21 @@ NORM_BACKWARD = Option(
 FEEDBACK_INIT = Option(
     "feedback_init", "glorot", "glorot: Glorot-uniform, independent of W; layer-init: a fresh draw of the layer's "
     "own initialiser (nn.Conv2d/nn.Linear's default), independent of W but on its initial scale (through "
-    "BatchNorm, which divides by about W's scale, Glorot feedback amplifies the error at every layer)",
-    choices=("glorot", "layer-init"))
+    "BatchNorm, which divides by about W's scale, Glorot feedback amplifies the error at every layer); matched: "
+    "uniform with W's own RMS at conversion, independent of W's values (a model with its own initialisation, "
+    "e.g. Kaiming's, gets feedback on that scale)", choices=("glorot", "layer-init", "matched"))
+
+#: How each ``feedback_init`` (and EKDAA's ``error_kernel_init``, whose Glorot draw is called ``random``)
+#: draws a feedback tensor like W, and the standard deviation of that draw (sign symmetry's scale).
+FEEDBACK_DRAWS = {"glorot": glorot_like, "random": glorot_like, "layer-init": layer_init_like,
+                  "matched": matched_like}
+FEEDBACK_STDS = {"glorot": glorot_std, "layer-init": layer_init_std, "matched": weight_rms}
 
 
 def random_feedback(layer: nn.Module, init: str) -> Tensor:
-    """A feedback tensor of ``layer.weight``'s shape, independent of W: Glorot-uniform (``glorot``)
-    or drawn by the layer's own initialiser (``layer-init``)."""
-    w = layer.weight.detach()
-    return layer_init_like(w) if init == "layer-init" else glorot_like(w)
+    """A feedback tensor of ``layer.weight``'s shape, independent of W's values, drawn as ``init``
+    says (a key of :data:`FEEDBACK_DRAWS`)."""
+    return FEEDBACK_DRAWS[init](layer.weight.detach())
 
 
 def _outside_package() -> int:
@@ -296,5 +302,6 @@ class RandomFeedbackRule(Rule):
     OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
     batchnorm_choices = (FEEDBACK_INIT.name,)
     batchnorm_advice = ("through every norm Glorot feedback amplifies the error (README: \"Feedback scale\"); "
-                        "'layer-init' keeps it on W's initial scale")
+                        "'matched' keeps it on W's own scale whatever W's initialiser ('layer-init': on nn.Conv2d's "
+                        "default scale)")
     init_option = FEEDBACK_INIT.name

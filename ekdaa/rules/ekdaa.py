@@ -307,15 +307,17 @@ class EKDAA(Rule):
     init_option = "error_kernel_init"
     batchnorm_advice = ("through every norm Glorot error kernels amplify d and beta compounds (README: \"Feedback "
                         "scale\"); ResNet-20 on digits trained best with error_kernel_init 'layer-init' and beta 0.9 "
-                        "under SGD, and with the random kernels at beta 0.1 under Adam")
+                        "under SGD, and with the random kernels at beta 0.1 under Adam; a model with its own "
+                        "initialisation (e.g. Kaiming's) needs 'matched', W's own scale, in place of 'layer-init'")
 
     OPTIONS = (
         Option("beta", 0.9, "target step: h~ = h - beta*d", above=0),
         Option("gamma", 1.0, "error-kernel learning rate relative to W's (dE = gamma dW)", at_least=0),
         Option("error_kernel_init", "random", "random: Glorot, independent of W (no weight transport ever); "
                "layer-init: a fresh draw of the layer's own initialiser (nn.Conv2d/nn.Linear's default), "
-               "independent of W but on its initial scale; transpose: E starts as a copy of W (the authors' code)",
-               choices=("random", "layer-init", "transpose")),
+               "independent of W but on its initial scale; matched: uniform with W's own RMS at conversion, "
+               "independent of W's values; transpose: E starts as a copy of W (the authors' code)",
+               choices=("random", "layer-init", "matched", "transpose")),
         Option("pool_routing", "max", "through max-pools, max sends d to the winning unit; bilinear upsamples "
                "d to the pool's input (the authors' code)", choices=("max", "bilinear")),
         Option("error_norm", "none", "max: divide each sample's d by max|d| when > 1 (the authors' code, conv "

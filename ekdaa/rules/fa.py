@@ -4,9 +4,9 @@ The error travels down through a fixed random matrix B_l of W_l's shape:
 
     e_l = f'(h_l) * (B_{l+1}^T e_{l+1}),   dW_l = e_l (x) z_{l-1}
 
-B_l is drawn at conversion, independently of W_l (Glorot-uniform, or with ``feedback_init='layer-init'``
-by the layer's own initialiser), and stored as the buffer ``feedback`` (kept in the state_dict,
-never trained).
+B_l is drawn at conversion, independently of W_l (Glorot-uniform; with ``feedback_init='layer-init'``
+by the layer's own initialiser; with ``'matched'`` uniform with W's RMS), and stored as the buffer
+``feedback`` (kept in the state_dict, never trained).
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ as W_l, and the same weight decay:
 
 so W_l - B_l shrinks by the factor (1 - lr * weight_decay) every step and B_l
 converges to W_l without W ever being sent backwards. B_l starts independent of W_l
-(Glorot-uniform, or by the layer's own initialiser with ``feedback_init='layer-init'``).
+(Glorot-uniform; by the layer's own initialiser with ``feedback_init='layer-init'``; uniform with
+W's RMS with ``'matched'``).
 B_l (``feedback``) is a Parameter whose ``.grad`` is dW_l; ``ekdaa.param_groups`` keeps
 it in W's group.
 Without weight decay B_l - W_l never changes: train it with some, on W and B alike,

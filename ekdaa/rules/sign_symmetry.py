@@ -1,8 +1,9 @@
 """Sign symmetry (Liao, Leibo & Poggio, 2016; Xiao et al., 2018).
 
 The error travels down through the sign of the forward weights, scaled by a constant s_l
-fixed by the layer's shape: its Glorot standard deviation, or with ``feedback_init='layer-init'``
-that of nn.Conv2d / nn.Linear's default initialiser, 1 / sqrt(3 fan_in) (W's initial scale):
+fixed at conversion: the layer's Glorot standard deviation, or with ``feedback_init='layer-init'``
+that of nn.Conv2d / nn.Linear's default initialiser, 1 / sqrt(3 fan_in), or with ``'matched'`` W's
+own RMS at conversion:
 
     B_l = s_l * sign(W_l),   e_l = f'(h_l) * (B_{l+1}^T e_{l+1}),   dW_l = e_l (x) z_{l-1}
 
@@ -13,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..layers import glorot_std, layer_init_std
-from .base import RandomFeedbackRule
+from .base import FEEDBACK_STDS, RandomFeedbackRule
 
 
 class SignSymmetry(RandomFeedbackRule):
@@ -24,8 +24,7 @@ class SignSymmetry(RandomFeedbackRule):
 
     def convert_weight(self, path: str, layer: nn.Module) -> None:
         self.attach_feedback(layer, None, learned=None)
-        std = glorot_std if self.feedback_init == "glorot" else layer_init_std
-        layer.feedback_scale = std(layer.weight)
+        layer.feedback_scale = FEEDBACK_STDS[self.feedback_init](layer.weight)
 
     def feedback(self, layer: nn.Module) -> Tensor:
         return torch.sign(layer.weight.detach()) * layer.feedback_scale
