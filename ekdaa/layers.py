@@ -283,7 +283,7 @@ def glorot_std(weight: Tensor) -> float:
 
 
 def weight_rms(weight: Tensor) -> float:
-    """W's root-mean-square, the standard deviation of its initialiser whatever drew it (one number
+    """W's root-mean-square: the standard deviation of whatever zero-mean initialiser drew it (one number
     per layer, read once); :func:`layer_init_std` where W is all zero."""
     rms = weight.detach().float().square().mean().sqrt().item()
     return rms if rms > 0 else layer_init_std(weight)
