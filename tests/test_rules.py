@@ -430,6 +430,13 @@ def test_layer_init_feedback_is_independent_of_w_on_its_initial_scale(rule):
             assert torch.equal(drawn[i].weight, net[i].weight)  # and W itself untouched
 
 
+def first_conv_relative_update(net: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: str, **options) -> float:
+    """|dW| / |W| of the first layer of ``net`` (copied, converted to ``rule``) after one backward on (x, y)."""
+    model = ekdaa.convert(copy.deepcopy(net), rule, **options)
+    F.cross_entropy(model(x), y).backward()
+    return (model[0].weight.grad.norm() / model[0].weight.norm()).item()
+
+
 def kaiming_initialised(net: nn.Module) -> nn.Module:
     """``net`` with its convolutions drawn as torchvision's ResNets draw them (He normal, fan-out)."""
     for m in net.modules():
@@ -468,9 +475,7 @@ def test_matched_feedback_keeps_a_kaiming_initialised_resnet_update_on_backprops
     x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
 
     def relative_update(rule: str, **options) -> float:
-        model = ekdaa.convert(copy.deepcopy(net), rule, **options)
-        F.cross_entropy(model(x), y).backward()
-        return (model[0].weight.grad.norm() / model[0].weight.norm()).item()
+        return first_conv_relative_update(net, x, y, rule, **options)
 
     bp = relative_update("bp")
     for rule, option in RANDOM_FEEDBACK.items():
@@ -488,9 +493,7 @@ def test_layer_init_feedback_keeps_a_batchnorm_resnet_update_on_backprops_scale(
     x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
 
     def relative_update(rule: str, **options) -> float:
-        model = ekdaa.convert(copy.deepcopy(net), rule, **options)
-        F.cross_entropy(model(x), y).backward()
-        return (model[0].weight.grad.norm() / model[0].weight.norm()).item()
+        return first_conv_relative_update(net, x, y, rule, **options)
 
     bp = relative_update("bp")
     for rule, option in RANDOM_FEEDBACK.items():
