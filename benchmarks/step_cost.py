@@ -1,18 +1,20 @@
 """EKDAA's training step against backprop's on the CPU, for whichever ekdaa is importable (so two
 commits compare: a git worktree of the older one on PYTHONPATH), one JSON line:
 
-    git worktree add /tmp/old COMMIT && PYTHONPATH=/tmp/old python benchmarks/step_cost.py
-    PYTHONPATH=. python benchmarks/step_cost.py
+    git worktree add /tmp/old COMMIT && PYTHONPATH=/tmp/old python benchmarks/step_cost.py [MODEL]
+    PYTHONPATH=. python benchmarks/step_cost.py [MODEL]
 
-paper-cnn, SGD step, 2 threads: ms/step (median of alternating blocks) and ratio at batch 50, 256 and
+MODEL (paper-cnn, or resnet20), SGD step, 2 threads: ms/step (median of alternating blocks) and ratio at batch 50, 256 and
 1 (3x8x8, host-bound); peak memory ratio (torch profiler); aten ops of forward + backward (dispatch
 mode, fused error map off) and convolution_backward dtypes, in float32 and under bf16 autocast."""
-import time, statistics, collections, json, torch, torch.nn.functional as F
+import sys, time, statistics, collections, json, warnings, torch, torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.profiler import profile, ProfilerActivity
 import ekdaa, ekdaa.fused as fused
 from ekdaa.models import build_model
 torch.set_num_threads(2)
+warnings.simplefilter("ignore")  # an older commit's advice on BatchNorm networks
+MODEL = sys.argv[1] if len(sys.argv) > 1 else "paper-cnn"
 
 class Ops(TorchDispatchMode):
     def __init__(self): super().__init__(); self.n = 0; self.dt = collections.Counter()
@@ -24,7 +26,7 @@ class Ops(TorchDispatchMode):
 def setup(rule, b, s):
     torch.manual_seed(0)
     x = torch.randn(b, 3, s, s).contiguous(memory_format=torch.channels_last); y = torch.randint(10, (b,))
-    m = ekdaa.convert(build_model("paper-cnn", (3, s, s), 10), rule).to(memory_format=torch.channels_last)
+    m = ekdaa.convert(build_model(MODEL, (3, s, s), 10), rule).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(ekdaa.param_groups(m, lr=0.01), lr=0.01, momentum=0.9)
     def step(amp=False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -41,7 +43,7 @@ def peak(step):
         now += size if a == Action.CREATE else -size if a == Action.DESTROY else 0; top = max(top, now)
     return top
 
-out = {}
+out = {"model": MODEL}
 for b, s, steps, reps in ((50, 32, 3, 7), (256, 32, 1, 5), (1, 8, 30, 9)):
     st = {r: setup(r, b, s) for r in ("bp", "ekdaa")}
     for r, (_, _, _, step) in st.items():

@@ -33,7 +33,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
         choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
         default = meta.get("default", f.default)  # a rule option's: the rule's default
-        flag, kind = f"--{f.name.replace('_', '-')}", type(default)
+        flag, kind = f"--{f.name.replace('_', '-')}", bool if str(f.type).startswith("bool") else type(default)
+        if f.name == "model":
+            choices = None  # torchvision:NAME and timm:NAME too: TrainConfig checks it
         models = [f"{m}: {r[f.name]}" for m, r in RECOMMENDED.items() if f.name in r]
         described = f"{meta['help']} (default {default}{''.join('; ' + m for m in models)})"
         if kind is bool:

@@ -12,7 +12,7 @@ import torch
 
 from .data import DATASET_NAMES, NORMALIZATIONS
 from .data.folder import is_folder
-from .models import ACTIVATIONS, MODELS, RECOMMENDED
+from .models import ACTIVATIONS, MODELS, RECOMMENDED, is_zoo, model_defaults
 from .rules import RULES, ConversionError, Option
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -62,10 +62,13 @@ class _RunFields:
 
     dataset: str = _option("digits", "dataset: a registered one, or folder:PATH (one sub-folder of images per "
                            "class, or PATH/train/ and PATH/test/)", WHAT, choices=lambda: DATASET_NAMES)
-    model: str = _option("paper-cnn", "network", WHAT, choices=lambda: MODELS)
+    model: str = _option("paper-cnn", "network: a registered one, or torchvision:NAME / timm:NAME (where that "
+                         "package is installed)", WHAT, choices=lambda: MODELS)
     rule: str = _option("ekdaa", "learning rule", WHAT, choices=lambda: RULES)
-    activation: str = _option("tanh", "activation", WHAT, choices=lambda: ACTIVATIONS)
-    bias: bool = _option(False, "biases in every layer", WHAT)
+    activation: str | None = _option(None, "activation (unset: the model's own; tanh for the paper's CNNs and the "
+                                     "ResNets)", WHAT, choices=lambda: ACTIVATIONS)
+    bias: bool | None = _option(None, "biases in every layer (unset: the model's own; none for the paper's CNNs "
+                                "and the ResNets)", WHAT)
     epochs: int = _option(10, "epochs", OPTIMISATION, minimum=1)
     batch_size: int = _option(50, "batch size", OPTIMISATION, minimum=1)
     # Adam lr 1e-3 won the validation sweep (ekdaa/suites/sweep-cpu.toml)
@@ -110,6 +113,9 @@ class _RunFields:
         """A rule option left unset (None) takes the model's recommendation (``RECOMMENDED``) where
         the run's rule has that option, else the option's default. The value is fixed here: a
         ``dataclasses.replace`` or a saved ``config.json`` carries it as set."""
+        for name, value in model_defaults(self.model).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         recommended = self._recommended()
         own = {o.name for o in RULES[self.rule].OPTIONS} if self.rule in RULES else set()
         for f in dataclasses.fields(self):
@@ -141,6 +147,8 @@ class _RunFields:
         for f in dataclasses.fields(self):
             value, choices, minimum = getattr(self, f.name), f.metadata.get("choices"), f.metadata.get("minimum")
             choices = choices() if callable(choices) else choices
+            if (f.name == "model" and is_zoo(value)) or (value is None and f.name in ("activation", "bias")):
+                continue  # a zoo's model (found when built), or the model's own activations and biases
             if choices is not None and value not in choices:
                 raise TrainError(f"invalid {f.name} {value!r}: choose one of {', '.join(choices)}")
             if minimum is not None and not (value > minimum if f.metadata["strict"] else value >= minimum):
@@ -152,6 +160,8 @@ class _RunFields:
                                  "drop it or choose that rule")
         if self.log != "none" and not self.out:
             raise TrainError(f"--log {self.log} writes into the run directory: give --out DIR")
+        if is_zoo(self.model) and (self.activation is not None or self.bias is not None):
+            raise TrainError(f"model {self.model} keeps its own activations and biases: drop --activation and --bias")
         if self.image_size and not is_folder(self.dataset):
             raise TrainError(f"image_size is for folder:PATH datasets; {self.dataset} has its own size: drop it")
         try:
@@ -183,6 +193,8 @@ class _RunFields:
         for key, value in values.items():
             default = getattr(defaults, key)
             want = (str, type(None)) if default is None else (int, float) if type(default) is float else type(default)
+            if key in ("activation", "bias"):  # None: the model's own
+                want = (want, type(None))
             if not isinstance(value, want) or (isinstance(value, bool) and type(default) is not bool):
                 raise TrainError(f"config key {key} = {value!r} should be of type {type(default).__name__}"
                                  f"{' or null' if default is None else ''}, like its default {default!r}")

@@ -1,13 +1,15 @@
 """Building blocks shared by the learning rules.
 
 * :class:`Sign`, the non-differentiable activation the package provides.
-* ``ACTIVATIONS``: the elementwise activation modules a rule may meet, and
-  ``activation_function`` giving the pure function each computes.
-* :class:`FeedbackConv2d` / :class:`FeedbackLinear`: ``nn.Conv2d`` / ``nn.Linear``
-  whose forward is unchanged but whose backward sends the error down through a
-  *feedback tensor* of W's shape (EKDAA's error kernel E, FA's fixed B, ...)
-  instead of W. A rule turns a layer into one in place (``attach_feedback``), so
-  parameter names, objects and hooks stay; the rule supplies the feedback tensor.
+* Activations (:func:`is_activation`): every elementwise activation module of ``torch.nn`` and its
+  subclasses, softmax-like ones along their dimension; :func:`activation_function` gives the pure
+  function each computes.
+* Weight layers (:func:`is_weight_layer`): ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (any groups,
+  padding mode) and their subclasses that keep their forward. A rule turns one into its
+  *feedback* class in place (:func:`to_feedback_layer`, so parameter names, objects and hooks stay):
+  its forward is unchanged, its backward sends the error down through a *feedback tensor* of W's
+  shape (EKDAA's error kernel E, FA's fixed B, ...) instead of W.
+* Normalisation layers (:data:`NORMS`).
 
 The weight-layer backward (``_FeedbackFn``), given the error map e at the layer's
 output, returns
@@ -23,6 +25,7 @@ saved activation per layer, as backprop keeps.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable
 
@@ -39,100 +42,100 @@ class Sign(nn.Module):
         return torch.sign(h)
 
 
+class IdentityActivation(nn.Identity):
+    """f(h) = h as a network's activation (a linear network): the rules treat it as an activation
+    (EKDAA's error map is beta d there), unlike an ``nn.Identity`` placeholder, which passes the error on."""
+
+
+#: Activation modules of torch.nn (and ours) that map a tensor to one of its shape, elementwise or
+#: along one dimension (softmax); their subclasses are activations too. nn.GLU halves its input and
+#: nn.MultiheadAttention is a layer: neither is one (a rule opens them into their parts).
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.LogSigmoid,
+    nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.Tanhshrink, nn.Softmax, nn.Softmin, nn.Softmax2d,
+    nn.LogSoftmax, Sign, IdentityActivation)
+
+#: The common activations by their pure function: what their modules compute, one call fewer.
 _SIMPLE: dict[type[nn.Module], Callable[[Tensor], Tensor]] = {
-    nn.Tanh: torch.tanh, nn.ReLU: torch.relu, nn.Sigmoid: torch.sigmoid,
-    nn.Identity: lambda h: h, Sign: torch.sign,
-}
-
-#: The elementwise activation modules the rules understand (exact types).
-ACTIVATIONS: tuple[type[nn.Module], ...] = (*_SIMPLE, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6)
+    nn.Tanh: torch.tanh, nn.ReLU: torch.relu, nn.Sigmoid: torch.sigmoid, Sign: torch.sign,
+    IdentityActivation: lambda h: h}
 
 
-def activation_function(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """The pure (never in-place) elementwise function an activation module computes."""
-    if isinstance(module, nn.LeakyReLU):
-        slope = module.negative_slope
-        return lambda h: F.leaky_relu(h, slope)
-    if isinstance(module, nn.Hardtanh):
-        lo, hi = module.min_val, module.max_val
-        return lambda h: F.hardtanh(h, lo, hi)
-    return _SIMPLE[type(module)]
+def is_activation(module: nn.Module) -> bool:
+    return isinstance(module, ACTIVATIONS)
 
 
-#: Modules that carry no parameters and whose autograd backward is the routing every
-#: rule wants: max-pool to the winner, avg-pool spread evenly, reshape, same mask.
-PASSTHROUGH: tuple[type[nn.Module], ...] = (
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d)
+def stochastic(module: nn.Module) -> bool:
+    """Whether the activation draws at random in training (RReLU's slopes)."""
+    return isinstance(module, nn.RReLU)
 
-#: Normalisation layers. By default every rule keeps their autograd backward: their own scale and
+
+def activation_function(module: nn.Module, mean: bool = False) -> Callable[[Tensor], Tensor]:
+    """The pure (never in-place) function an activation module computes (``mean``: a stochastic one's
+    mean, RReLU's slope (lower + upper) / 2, else as the module's mode says). A parametric one (PReLU)
+    reads its parameters when called."""
+    kind = type(module)
+    if kind in _SIMPLE:
+        return _SIMPLE[kind]
+    if stochastic(module):
+        return lambda h: F.rrelu(h, module.lower, module.upper, module.training and not mean)
+    if getattr(module, "inplace", False):
+        module = copy.copy(module)  # shares its parameters: a pure view of the same activation
+        module.inplace = False
+    return module.forward
+
+
+#: Normalisation layers: by default every rule keeps their autograd backward: their own scale and
 #: shift learn from the error that reaches them (local), and the error passes on scaled per channel
-#: by gamma / sigma (with the batch-statistics terms), a small, per-channel weight transport; the
-#: rules' option ``norm_backward="inverse-std"`` divides it by sigma only (``INVERSE_STD_NORMS``).
-NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: (or per sample) by gamma / sigma, with the statistics' terms: a small, per-channel weight transport.
+#: The rules' option ``norm_backward="inverse-std"`` divides it by sigma only (rules/calls.py).
+NORMS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
 
-class _InverseStdRouteFn(torch.autograd.Function):
-    """Forward: the norm's output y (computed from a detached input). Backward: y gets the error,
-    so the norm's scale and shift learn from it, and the input x gets it times 1 / sigma."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, inv_std: Tensor) -> Tensor:
-        ctx.save_for_backward(inv_std)
-        return y.clone()  # its own tensor: an in-place activation after it stays legal
-
-    @staticmethod
-    def backward(ctx, e: Tensor):
-        (inv_std,) = ctx.saved_tensors
-        return e, e * inv_std, None
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORMS)
 
 
-class _InverseStdNorm:
-    """Mixin for a BatchNorm: forward unchanged; the error reaches the input divided by sigma
-    only (no gamma, no batch-statistics terms), so no weight travels backwards through it."""
-
-    eps: float
-    training: bool
-    running_var: Tensor | None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
-            return super().forward(x)  # type: ignore[misc]
-        dims = (0, *range(2, x.dim()))  # every dimension but the channels
-        use_batch = self.training or self.running_var is None
-        var = x.detach().var(dims, unbiased=False) if use_batch else self.running_var
-        inv_std = torch.rsqrt(var + self.eps).view(1, -1, *[1] * (x.dim() - 2))
-        return _InverseStdRouteFn.apply(super().forward(x.detach()), x, inv_std)  # type: ignore[misc]
+def tracks_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm with running statistics (BatchNorm, InstanceNorm with them)."""
+    return isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
 
 
-    def unconverted(self) -> nn.Module:
-        """This norm as its nn class again (in place; ``ekdaa.unconvert``)."""
-        self.__class__ = PLAIN_NORMS[type(self)]
-        return self
+#: Weight layers a rule converts, with the forward each must keep to be converted by type.
+WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class InverseStdBatchNorm1d(_InverseStdNorm, nn.BatchNorm1d):
-    """``nn.BatchNorm1d`` whose error reaches its input divided by sigma only."""
+def is_weight_layer(module: nn.Module) -> bool:
+    """An ``nn.Linear`` / ``nn.ConvNd`` (or subclass) whose forward is its base class's: the rule
+    converts it by type. A subclass with a forward of its own (weight standardisation, say) is
+    handled at its functional calls (rules/calls.py)."""
+    base = next((b for b in WEIGHT_LAYERS if isinstance(module, b)), None)
+    return base is not None and all(getattr(type(module), name, None) is getattr(base, name, None)
+                                    for name in ("forward", "_conv_forward"))
 
 
-class InverseStdBatchNorm2d(_InverseStdNorm, nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` whose error reaches its input divided by sigma only."""
-
-
-INVERSE_STD_NORMS = {nn.BatchNorm1d: InverseStdBatchNorm1d, nn.BatchNorm2d: InverseStdBatchNorm2d}
-PLAIN_NORMS = {v: k for k, v in INVERSE_STD_NORMS.items()}
-
-
-def conv_args(layer: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
-    """A convolution's stride, padding and dilation as ``aten.convolution_backward`` takes them."""
-    padding = layer.padding
-    if isinstance(padding, str):  # 'valid' or 'same' (odd kernels only)
-        if padding == "valid":
-            padding = (0, 0)
-        elif all(k % 2 == 1 for k in layer.kernel_size):
-            padding = tuple(d * (k - 1) // 2 for k, d in zip(layer.kernel_size, layer.dilation))
-        else:
-            raise ValueError("padding='same' with an even kernel is not supported; pad explicitly")
-    return list(layer.stride), list(padding), list(layer.dilation)
+def conv_geometry(kernel_size: tuple[int, ...], stride: Any, padding: Any, dilation: Any,
+                  groups: int) -> tuple[list[int] | None, tuple]:
+    """A convolution's arguments as ``aten.convolution_backward`` takes them: ``(pad, (stride,
+    padding, dilation, groups))``; ``pad`` (F.pad's order) where the input must be padded first
+    (padding='same' with an even extent), else None."""
+    dims = len(kernel_size)
+    as_list = lambda v: [v] * dims if isinstance(v, int) else list(v)  # noqa: E731
+    stride, dilation = as_list(stride), as_list(dilation)
+    pad = None
+    if padding == "valid":
+        padding = [0] * dims
+    elif padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+        padding = [t // 2 for t in totals]
+        if any(t % 2 for t in totals):  # asymmetric: the extra row/column at the end, as torch does
+            pad = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+            padding = [0] * dims
+    else:
+        padding = as_list(padding)
+    return pad, (stride, padding, dilation, groups)
 
 
 #: The attribute by which an autograd node (a custom Function's ctx) says that its output is z = f(h)
@@ -171,6 +174,9 @@ def recompute(node: Any, view: tuple | None) -> Tensor:
     return z if view is None else z.as_strided(*view)  # f(h) is laid out as z was
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 class _FeedbackFn(torch.autograd.Function):
     """h = W * x + b forward; backward transmits through ``feedback`` (None: transmit
     nothing, as DFA's hidden layers do). The backward runs in the dtype of the error that
@@ -187,8 +193,7 @@ class _FeedbackFn(torch.autograd.Function):
         ctx.save_for_backward(x if ctx.source is None else None, weight, feedback)
         if conv is None:
             return F.linear(x, weight, bias)
-        stride, padding, dilation = conv
-        return F.conv2d(x, weight, bias, stride, padding, dilation)
+        return _CONV[weight.dim() - 2](x, weight, bias, *conv)
 
     @staticmethod
     def backward(ctx, e: Tensor | None):
@@ -214,45 +219,94 @@ class _FeedbackFn(torch.autograd.Function):
             db = e2.sum(0) if need_b else None
         else:
             bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+            stride, padding, dilation, groups = ctx.conv
             d, dw, db = torch.ops.aten.convolution_backward(
-                e, x, sender, bias_sizes, *ctx.conv, False, [0, 0], 1, [need_x, need_w or need_f, need_b])
+                e, x, sender, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups,
+                [need_x, need_w or need_f, need_b])
         # dF = dW, the same tensor: autograd never lets two .grad share storage, and copies it only where
         # it must (into a .grad that is None; a cast to the parameters' dtype is a copy already). A tensor
         # hook on W and F, or torch.autograd.grad(loss, [W, F]), sees that one tensor twice.
         return d, dw if need_w else None, db, dw if need_f else None, None
 
 
+def feedback_product(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
+                     conv: tuple | None, pad: list[int] | None = None, pad_mode: str = "constant") -> Tensor:
+    """``F.linear`` (``conv`` None) or ``F.convNd`` of ``x`` with W and b, whose backward sends the
+    error down through ``feedback`` (W under autograd's own rules where ``pad`` pads x first)."""
+    if pad is not None:
+        x = F.pad(x, pad, mode=pad_mode)
+    return _FeedbackFn.apply(x, weight, bias, feedback, conv)
+
+
 class _FeedbackLayer:
     """Mixin: forward through ``_FeedbackFn`` with the feedback tensor the rule supplies."""
 
     rule: "object"  # the ekdaa.rules.Rule that converted this layer
-    conv_args: tuple | None = None  # stride, padding, dilation of a convolution, fixed at conversion
+    geometry: tuple | None = None  # (pad, pad mode, conv args) of a convolution, fixed at conversion
 
     def forward(self, x: Tensor) -> Tensor:
-        out = _FeedbackFn.apply(x, self.weight, self.bias, self.rule.feedback(self), self.conv_args)
-        return self.rule.layer_output(self, out)
+        rule, geometry = self.rule, self.geometry
+        x = rule.layer_input(self, x)
+        if geometry is not None and geometry[0] is not None:
+            x = F.pad(x, geometry[0], mode=geometry[1])
+        out = _FeedbackFn.apply(x, self.weight, self.bias, rule.feedback(self), None if geometry is None else geometry[2])
+        return rule.layer_output(self, out)
 
     def unconverted(self) -> nn.Module:
-        """This layer as its nn class again (in place; ``ekdaa.unconvert``): W and b kept, the
-        feedback tensor dropped."""
-        for store in (self._parameters, self._buffers):
-            store.pop(self.rule.feedback_name, None)
-        for attr in ("rule", "conv_args"):
+        """This layer as its nn class again (in place; ``ekdaa.unconvert``): W and b kept, what the
+        rule added dropped."""
+        remove_added(self)
+        for attr in ("rule", "geometry"):
             self.__dict__.pop(attr, None)
-        self.__class__ = PLAIN_LAYERS[type(self)]
+        self.__class__ = type(self).__bases__[1]
         return self
 
 
-class FeedbackLinear(_FeedbackLayer, nn.Linear):
-    """``nn.Linear`` whose error travels down through a feedback matrix."""
+_FEEDBACK_CLASSES: dict[type, type] = {}
+
+#: The attribute listing what a rule added to a module (tensors, submodules, numbers), for remove_added.
+ADDED = "ekdaa_added"
 
 
-class FeedbackConv2d(_FeedbackLayer, nn.Conv2d):
-    """``nn.Conv2d`` whose error travels down through a feedback kernel."""
+def add_to(module: nn.Module, name: str, value: Any, learned: bool | None = None) -> None:
+    """Give ``module`` the rule's ``value`` under ``name``: a tensor as a buffer (``learned`` None: fixed)
+    or a Parameter whose requires_grad is ``learned``; a module as a submodule; anything else as an
+    attribute. :func:`remove_added` takes it away again."""
+    if isinstance(value, Tensor):
+        if learned is None:
+            module.register_buffer(name, value)
+        else:
+            module.register_parameter(name, nn.Parameter(value, requires_grad=learned))
+    else:
+        setattr(module, name, value)
+    module.__dict__.setdefault(ADDED, []).append(name)
 
 
-FEEDBACK_CLASSES = {nn.Linear: FeedbackLinear, nn.Conv2d: FeedbackConv2d}
-PLAIN_LAYERS = {v: k for k, v in FEEDBACK_CLASSES.items()}
+def remove_added(module: nn.Module) -> None:
+    """Undo every :func:`add_to` on ``module``."""
+    for name in module.__dict__.pop(ADDED, []):
+        for store in (module._parameters, module._buffers, module._modules, module.__dict__):
+            store.pop(name, None)
+
+
+def to_feedback_layer(layer: nn.Module, rule: Any) -> None:
+    """Turn a weight layer (:func:`is_weight_layer`) into its feedback class in place."""
+    kind = type(layer)
+    if kind not in _FEEDBACK_CLASSES:
+        _FEEDBACK_CLASSES[kind] = type(f"Feedback{kind.__name__}", (_FeedbackLayer, kind),
+                                       {"__module__": __name__, "__doc__": f"{kind.__name__} whose error travels "
+                                        "down through a feedback tensor"})
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        pad, conv = conv_geometry(layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups)
+        if layer.padding_mode != "zeros":
+            pad, conv = layer._reversed_padding_repeated_twice, (conv[0], [0] * len(conv[0]), *conv[2:])
+        layer.geometry = pad, "constant" if layer.padding_mode == "zeros" else layer.padding_mode, conv
+    layer.__class__ = _FEEDBACK_CLASSES[kind]
+    layer.rule = rule
+
+
+def is_feedback_layer(module: nn.Module) -> bool:
+    return isinstance(module, _FeedbackLayer)
 
 
 def glorot_like(weight: Tensor) -> Tensor:

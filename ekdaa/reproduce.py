@@ -8,6 +8,8 @@ A suite file states its whole protocol::
     rules = ["bp", "fa", "ekdaa"]
     activations = ["tanh", "sign"]
     seeds = [0]
+    models = ["mobilenet", "vit"]  # optional: every row per model (labelled ekdaa-vit, ...), each with its
+                                   # own activations unless the suite names some
     [defaults]                   # TrainConfig fields shared by every run
     model = "paper-cnn"
     epochs = 10
@@ -61,6 +63,9 @@ FIRST_FIELDS = frozenset((
     "dataset", "model", "rule", "activation", "bias", "epochs", "batch_size", "optimizer", "lr", "momentum",
     "weight_decay", "lr_schedule", "beta", "gamma", "error_kernel_init", "pool_routing", "error_norm",
     "val_split", "train_subset", "normalization", "augment", "seed", "amp", "channels_last", "track_alignment"))
+#: The defaults of options whose default has changed since, as runs were identified by: a run counts another
+#: rule's option (which it leaves at its default) and a field added since (away from this) by these.
+FIRST_DEFAULTS = {"error_kernel_init": "random", "feedback_init": "glorot"}
 
 
 @dataclasses.dataclass
@@ -71,8 +76,12 @@ class PlannedRun:
     @property
     def key(self) -> str:
         defaults = TrainConfig()
-        fields = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in NOT_IDENTITY
-                  and (k in FIRST_FIELDS or v != getattr(defaults, k))}
+        own = {o.name for o in RULES[self.config.rule].OPTIONS}
+        fields = {}
+        for k, v in dataclasses.asdict(self.config).items():
+            v = FIRST_DEFAULTS[k] if k in FIRST_DEFAULTS and k not in own else v  # another rule's: unused
+            if k not in NOT_IDENTITY and (k in FIRST_FIELDS or v != FIRST_DEFAULTS.get(k, getattr(defaults, k))):
+                fields[k] = v
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
@@ -119,19 +128,23 @@ def plan(suite: dict[str, Any], datasets: list[str] | None = None, rules: list[s
     unknown = sorted({rule for _, rule, _, _ in rows} - set(RULES))
     if unknown:
         raise TrainError(f"suite {head['name']}: unknown rules {unknown}; valid: {', '.join(RULES)}")
+    models = head.get("models")  # a models axis: each row once per model, labelled with it
     runs = []
     for dataset in datasets or head["datasets"]:
-        for activation in activations or head.get("activations", ["tanh"]):
-            for label, rule, variant, only in rows:
-                if (rules and label not in rules) or (only is not None and activation not in only):
-                    continue
-                if activation == "sign" and RULES[rule].uses_derivative:
-                    continue
-                for seed in seeds or head.get("seeds", [0]):
-                    values = {**suite.get("defaults", {}), **suite.get("rules", {}).get(rule, {}),
-                              **suite.get("datasets", {}).get(dataset, {}), **variant,
-                              "rule": rule, "dataset": dataset, "activation": activation, "seed": seed}
-                    runs.append(PlannedRun(label, TrainConfig.from_dict(values)))
+        for model in models or [None]:
+            # with a models axis, each model's own activations unless the suite names some
+            for activation in activations or head.get("activations", [None] if models else ["tanh"]):
+                for label, rule, variant, only in rows:
+                    if (rules and label not in rules) or (only is not None and activation not in only):
+                        continue
+                    if activation == "sign" and RULES[rule].uses_derivative:
+                        continue
+                    for seed in seeds or head.get("seeds", [0]):
+                        values = {**suite.get("defaults", {}), **suite.get("rules", {}).get(rule, {}),
+                                  **suite.get("datasets", {}).get(dataset, {}), **variant,
+                                  "rule": rule, "dataset": dataset, "activation": activation, "seed": seed,
+                                  **({"model": model} if model else {})}
+                        runs.append(PlannedRun(f"{label}-{model}" if model else label, TrainConfig.from_dict(values)))
     return runs
 
 
@@ -365,9 +378,9 @@ def _best_by_validation(rows: dict[tuple, list[dict[str, Any]]]) -> list[str]:
         if options.get("target_function", "activation") != "activation":
             method += f" ({options['target_function']} target)"
         if vals:
-            scores.setdefault((method, activation), []).append((statistics.mean(vals), label))
+            scores.setdefault((method, activation, summary.get("model")), []).append((statistics.mean(vals), label))
     chosen = [f"- {method} ({activation}): `{max(s)[1]}`, validation {100 * max(s)[0]:.2f} % (best of {len(s)} rows)"
-              for (method, activation), s in sorted(scores.items()) if len(s) > 1]
+              for (method, activation, _), s in sorted(scores.items()) if len(s) > 1]
     return ["Chosen on validation accuracy (never test):", ""] + chosen + [""] if chosen else []
 
 

@@ -38,7 +38,7 @@ from .config import (AMP, MACHINE_FIELDS, OPTIMIZERS, SCHEDULES, Diverged, Stopp
                      resolve_device, resumed_config)
 from .data import Normalizer, augment, batches, load_dataset, split_validation
 from .graphs import GraphedStep, set_capturable
-from .layers import NORMS
+from .layers import tracks_statistics
 from .models import build_model
 from .rules import compile as compile_model
 from .rules import convert, param_groups, unconvert
@@ -131,7 +131,7 @@ def recompute_batchnorm(model: nn.Module, x: Tensor, normalizer: Normalizer, bat
     """Replace every BatchNorm's running statistics by their average over the batches of uint8
     images ``x`` (in order, unaugmented) under the model's current weights ("precise BN"): running
     averages gathered while the weights moved can lag them. Returns the number of norms reset."""
-    norms = [m for m in model.modules() if isinstance(m, NORMS)]
+    norms = [m for m in model.modules() if tracks_statistics(m)]
     was_training, momenta = model.training, [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
@@ -143,6 +143,12 @@ def recompute_batchnorm(model: nn.Module, x: Tensor, normalizer: Normalizer, bat
         m.momentum = momentum
     model.train(was_training)
     return len(norms)
+
+
+def _converted_options(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """The options the model's rule took, as it resolved them (``auto`` inits: what they drew)."""
+    rule = getattr(getattr(model, "_orig_mod", getattr(model, "module", model)), "ekdaa_rule", None)
+    return {k: v for k, v in rule.options().items() if k in cfg.rule_options()} if rule is not None else {}
 
 
 def _hidden(progress: bool | None) -> bool | None:
@@ -555,7 +561,7 @@ class Run:
                        test_accuracy=last.get("test_accuracy"), train_loss=last.get("train_loss"),
                        test_loss=last.get("test_loss"), images_per_s=last.get("images_per_s"),
                        seconds=self.state.seconds, device=str(self.device), processes=self.dist.world,
-                       rule_options=cfg.rule_options())
+                       rule_options={**cfg.rule_options(), **_converted_options(self.model, cfg)})
         if self.out is not None and self.dist.is_main:
             write_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary

@@ -7,7 +7,9 @@ recorded winner, average pooling by an explicit spread, bilinear routing by
 explicit interpolation matrices, batch normalisation (training mode) and its backward,
 residual blocks (the error splits over both branches and sums at the input), and
 derivatives written out by hand. No autograd, no ``convolution_backward``. Errors are
-per sample (e_L = softmax - onehot); updates are batch means.
+per sample (e_L = softmax - onehot); updates are batch means. Grouped (and depthwise) convolutions are
+one unfold and product per group; a softmax activation's derivative rules use its Jacobian, EKDAA its
+error map softmax(h) - softmax(h - beta d) like any activation's.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ekdaa
+
+
+_SQRT_2_OVER_PI = (2 / torch.pi) ** 0.5
 
 
 def _f(act: nn.Module, h: Tensor) -> Tensor:
@@ -31,6 +36,19 @@ def _f(act: nn.Module, h: Tensor) -> Tensor:
         return 1 / (1 + torch.exp(-h))
     if isinstance(act, nn.Hardtanh):  # ReLU6 too
         return h.clamp(act.min_val, act.max_val)
+    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+        return 0.5 * h * (1 + torch.tanh(_SQRT_2_OVER_PI * (h + 0.044715 * h ** 3)))
+    if isinstance(act, nn.GELU):
+        return 0.5 * h * (1 + torch.erf(h / 2 ** 0.5))
+    if isinstance(act, nn.SiLU):
+        return h / (1 + torch.exp(-h))
+    if isinstance(act, nn.Hardswish):
+        return h * (h + 3).clamp(0, 6) / 6
+    if isinstance(act, nn.Hardsigmoid):
+        return (h + 3).clamp(0, 6) / 6
+    if isinstance(act, nn.Softmax):
+        p = torch.exp(h - h.amax(act.dim, keepdim=True))
+        return p / p.sum(act.dim, keepdim=True)
     raise NotImplementedError(type(act))
 
 
@@ -42,13 +60,36 @@ def _smooth(act: nn.Module, u: Tensor, tau: float) -> Tensor:
 
 
 def _df(act: nn.Module, h: Tensor) -> Tensor:
+    """f'(h), elementwise (softmax: see _backprop_activation)."""
     if isinstance(act, nn.Tanh):
         return 1 - torch.tanh(h) ** 2
     if isinstance(act, nn.ReLU):
         return (h > 0).to(h.dtype)
+    if isinstance(act, nn.Sigmoid):
+        s = 1 / (1 + torch.exp(-h))
+        return s * (1 - s)
     if isinstance(act, ekdaa.Sign):  # the saturated straight-through pseudo-derivative
         return (h.abs() <= 1).to(h.dtype)
+    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+        u = _SQRT_2_OVER_PI * (h + 0.044715 * h ** 3)
+        return 0.5 * (1 + torch.tanh(u)) + 0.5 * h * (1 - torch.tanh(u) ** 2) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * h ** 2)
+    if isinstance(act, nn.GELU):
+        return 0.5 * (1 + torch.erf(h / 2 ** 0.5)) + h * torch.exp(-h ** 2 / 2) / (2 * torch.pi) ** 0.5
+    if isinstance(act, nn.SiLU):
+        s = 1 / (1 + torch.exp(-h))
+        return s * (1 + h * (1 - s))
+    if isinstance(act, nn.Hardswish):
+        return torch.where(h < -3, 0.0, torch.where(h > 3, 1.0, (2 * h + 3) / 6))
+    if isinstance(act, nn.Hardsigmoid):
+        return ((h > -3) & (h < 3)).to(h.dtype) / 6
     raise NotImplementedError(type(act))
+
+
+def _backprop_activation(act: nn.Module, h: Tensor, z: Tensor, d: Tensor) -> Tensor:
+    """J(h)^T d: elementwise f'(h) d, or for a softmax z (d - sum(z d))."""
+    if isinstance(act, nn.Softmax):
+        return z * (d - (z * d).sum(act.dim, keepdim=True))
+    return _df(act, h) * d
 
 
 def _interp_matrix(n_out: int, n_in: int) -> Tensor:
@@ -73,6 +114,78 @@ class Residual:
     branch: list
     shortcut: list
     act: nn.Module
+
+
+class Permute(nn.Module):
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(*self.dims)
+
+
+class Scale(nn.Module):
+    """Layer scale: x times a per-channel parameter the module holds."""
+
+    def __init__(self, dim: int, value: float):
+        super().__init__()
+        self.layer_scale = nn.Parameter(torch.full((dim,), value))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.layer_scale
+
+
+class Tokens(nn.Module):
+    """(N, C, H, W) -> (N, 1 + HW, C): a class token first, plus a position embedding (parameters it holds)."""
+
+    def __init__(self, dim: int, tokens: int):
+        super().__init__()
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(2).transpose(1, 2)
+        return torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.position
+
+
+class First(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, 0]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+class Add(nn.Module):
+    """x + branch(x)"""
+
+    def __init__(self, *branch: nn.Module):
+        super().__init__()
+        self.branch = nn.Sequential(*branch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.branch(x)
+
+
+class Gate(Add):
+    """x * branch(x) (squeeze-excitation)"""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.branch(x)
+
+
+class Concat(Add):
+    """[x, branch(x)] along the channels (DenseNet)"""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, self.branch(x)], 1)
 
 
 def reference_grads(layers: list, rule: str, x: Tensor, y: Tensor, *, beta: float = 0.9,
@@ -112,16 +225,38 @@ def _forward(layers: list, a: Tensor, prefix: str) -> list[tuple]:
             shortcut = _forward(layer.shortcut, a, f"{path}.shortcut.")
             h = branch[-1][3] + (shortcut[-1][3] if shortcut else a)
             out, sub = _f(layer.act, h), (branch, shortcut, h)
-        elif isinstance(layer, nn.Conv2d):
-            k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
-            cols = F.unfold(a, k, padding=p, stride=s)
+        elif isinstance(layer, nn.Conv2d):  # each group of channels its own unfold and product
+            k, s, p, g = layer.kernel_size[0], layer.stride[0], layer.padding[0], layer.groups
             ho = (a.shape[2] + 2 * p - k) // s + 1
             wo = (a.shape[3] + 2 * p - k) // s + 1
-            out = (layer.weight.reshape(layer.out_channels, -1) @ cols).reshape(n, -1, ho, wo)
+            outs = []
+            for i, (xg, wg) in enumerate(zip(a.chunk(g, 1), layer.weight.chunk(g, 0))):
+                cols = F.unfold(xg, k, padding=p, stride=s)
+                outs.append((wg.reshape(wg.shape[0], -1) @ cols).reshape(n, -1, ho, wo))
+            out = torch.cat(outs, 1)
             if layer.bias is not None:
                 out = out + layer.bias.view(1, -1, 1, 1)
         elif isinstance(layer, nn.Linear):
             out = a @ layer.weight.t() + (layer.bias if layer.bias is not None else 0)
+        elif isinstance(layer, Add):
+            sub = _forward(list(layer.branch), a, f"{path}.branch.")
+            g = sub[-1][3]
+            out = a * g if isinstance(layer, Gate) else torch.cat([a, g], 1) if isinstance(layer, Concat) else a + g
+        elif isinstance(layer, Permute):
+            out = a.permute(*layer.dims)
+        elif isinstance(layer, Scale):
+            out = a * layer.layer_scale
+        elif isinstance(layer, Tokens):
+            t = a.flatten(2).transpose(1, 2)
+            out = torch.cat([layer.class_token.expand(n, -1, -1), t], 1) + layer.position
+        elif isinstance(layer, First):
+            out = a[:, 0]
+        elif isinstance(layer, nn.LayerNorm):  # over the last dimension
+            sigma = torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + layer.eps)
+            x_hat = (a - a.mean(-1, keepdim=True)) / sigma
+            out, sub = layer.weight * x_hat + layer.bias, (x_hat, sigma)
+        elif isinstance(layer, SelfAttention):
+            out, sub = _attention(layer.attention, a)
         elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):  # training mode: batch statistics
             dims = (0,) if a.dim() == 2 else (0, 2, 3)
             shape = (1, -1) if a.dim() == 2 else (1, -1, 1, 1)
@@ -155,22 +290,59 @@ def _backward(records: list[tuple], d: Tensor, ctx: dict) -> Tensor:
             d_branch = _backward(branch, d, ctx)
             d = d_branch + (_backward(shortcut, d, ctx) if shortcut else d)
         elif isinstance(layer, nn.Conv2d):
-            k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
-            cols = F.unfold(inp, k, padding=p, stride=s)
+            k, s, p, g = layer.kernel_size[0], layer.stride[0], layer.padding[0], layer.groups
             e = d.reshape(n, layer.out_channels, -1)
-            grads[f"{path}.weight"] = (e @ cols.transpose(1, 2)).mean(0).reshape(layer.weight.shape)
+            transmit = None if ctx["rule"] == "dfa" else ctx["transmit"][path]
+            dws, ds = [], []
+            for i, (xg, eg) in enumerate(zip(inp.chunk(g, 1), e.chunk(g, 1))):
+                cols = F.unfold(xg, k, padding=p, stride=s)
+                dws.append((eg @ cols.transpose(1, 2)).mean(0))
+                if transmit is not None:
+                    t = transmit.chunk(g, 0)[i].reshape(eg.shape[1], -1)
+                    ds.append(F.fold(t.t() @ eg, inp.shape[2:], k, padding=p, stride=s))
+            grads[f"{path}.weight"] = torch.cat(dws, 0).reshape(layer.weight.shape)
             if layer.bias is not None:
                 grads[f"{path}.bias"] = e.sum(2).mean(0)
-            if ctx["rule"] == "dfa":
-                d = torch.zeros_like(inp)
-            else:
-                t = ctx["transmit"][path].reshape(layer.out_channels, -1)
-                d = F.fold(t.t() @ e, inp.shape[2:], k, padding=p, stride=s)
-        elif isinstance(layer, nn.Linear):
-            grads[f"{path}.weight"] = d.t() @ inp / n
+            d = torch.zeros_like(inp) if transmit is None else torch.cat(ds, 1)
+        elif isinstance(layer, nn.Linear):  # any leading dimensions: every position a sample of the product
+            d2, x2 = d.reshape(-1, d.shape[-1]), inp.reshape(-1, inp.shape[-1])
+            grads[f"{path}.weight"] = d2.t() @ x2 / n
             if layer.bias is not None:
-                grads[f"{path}.bias"] = d.mean(0)
+                grads[f"{path}.bias"] = d2.sum(0) / n
             d = torch.zeros_like(inp) if ctx["rule"] == "dfa" else d @ ctx["transmit"][path]
+        elif isinstance(layer, Add):
+            g = sub[-1][3]
+            if isinstance(layer, Gate):  # g broadcast over the positions: its error summed over them
+                d = d * g + _backward(sub, (d * inp).sum((2, 3), keepdim=True) if g.dim() == 4 and g.shape[2:] == (1, 1)
+                                      else d * inp, ctx)
+            elif isinstance(layer, Concat):
+                d = d[:, :inp.shape[1]] + _backward(sub, d[:, inp.shape[1]:], ctx)
+            else:
+                d = d + _backward(sub, d, ctx)
+        elif isinstance(layer, Permute):
+            d = d.permute(*torch.tensor(layer.dims).argsort().tolist())
+        elif isinstance(layer, Scale):
+            grads[f"{path}.layer_scale"] = (d * inp).reshape(-1, inp.shape[-1]).sum(0) / n
+            d = d * layer.layer_scale
+        elif isinstance(layer, Tokens):
+            grads[f"{path}.class_token"] = d[:, :1].sum(0, keepdim=True) / n
+            grads[f"{path}.position"] = d.sum(0, keepdim=True) / n
+            d = d[:, 1:].transpose(1, 2).reshape(inp.shape)
+        elif isinstance(layer, First):
+            spread = torch.zeros_like(inp)
+            spread[:, 0] = d
+            d = spread
+        elif isinstance(layer, nn.LayerNorm):
+            x_hat, sigma = sub
+            grads[f"{path}.weight"] = (d * x_hat).reshape(-1, d.shape[-1]).sum(0) / n
+            grads[f"{path}.bias"] = d.reshape(-1, d.shape[-1]).sum(0) / n
+            if ctx["norm_backward"] == "inverse-std":
+                d = d / sigma
+            else:
+                gd = layer.weight * d
+                d = (gd - gd.mean(-1, keepdim=True) - x_hat * (gd * x_hat).mean(-1, keepdim=True)) / sigma
+        elif isinstance(layer, SelfAttention):
+            d = _attention_backward(layer.attention, inp, sub, d, path, ctx)
         elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
             x_hat, sigma, dims, shape = sub
             spatial = tuple(dim for dim in dims if dim != 0)
@@ -204,6 +376,54 @@ def _backward(records: list[tuple], d: Tensor, ctx: dict) -> Tensor:
     return d
 
 
+def _heads(t: Tensor, heads: int) -> Tensor:
+    """(N, L, E) -> (N, heads, L, E / heads)"""
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+def _merged(t: Tensor) -> Tensor:
+    """(N, heads, L, E / heads) -> (N, L, E)"""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+
+def _attention(mha: nn.MultiheadAttention, x: Tensor) -> tuple[Tensor, dict]:
+    """Self-attention written out: projections, scaled scores per head, softmax, weighted sum, output."""
+    wq, wk, wv = mha.in_proj_weight.chunk(3)
+    bq, bk, bv = mha.in_proj_bias.chunk(3)
+    q, k, v = (_heads(x @ w.t() + b, mha.num_heads) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+    scale = q.shape[-1] ** -0.5
+    s = q @ k.transpose(-2, -1) * scale
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    a = p / p.sum(-1, keepdim=True)
+    o = _merged(a @ v)
+    return o @ mha.out_proj.weight.t() + mha.out_proj.bias, dict(q=q, k=k, v=v, s=s, a=a, o=o, scale=scale)
+
+
+def _attention_backward(mha: nn.MultiheadAttention, x: Tensor, r: dict, d: Tensor, path: str, ctx: dict) -> Tensor:
+    """The error at the attention's input; its projections' updates into ctx: the output projection sends d
+    down through its transmit tensor, the products of activations carry it as their derivatives do, the
+    softmax is an activation (EKDAA's error map, or its Jacobian), the input projection sends through its own."""
+    n, grads, heads = ctx["n"], ctx["grads"], mha.num_heads
+    d2, o2 = d.reshape(-1, d.shape[-1]), r["o"].reshape(-1, d.shape[-1])
+    grads[f"{path}.attention.out_proj.weight"] = d2.t() @ o2 / n
+    grads[f"{path}.attention.out_proj.bias"] = d2.sum(0) / n
+    d_o = _heads(d @ ctx["transmit"][f"{path}.attention.out_proj"], heads)
+    d_a = d_o @ r["v"].transpose(-2, -1)
+    d_v = r["a"].transpose(-2, -1) @ d_o
+    if ctx["rule"] == "ekdaa":
+        p = torch.exp(r["s"] - ctx["beta"] * d_a - (r["s"] - ctx["beta"] * d_a).amax(-1, keepdim=True))
+        e_s = r["a"] - p / p.sum(-1, keepdim=True)
+    else:
+        e_s = r["a"] * (d_a - (r["a"] * d_a).sum(-1, keepdim=True))
+    d_q = e_s @ r["k"] * r["scale"]
+    d_k = e_s.transpose(-2, -1) @ r["q"] * r["scale"]
+    e_in = torch.cat([_merged(t) for t in (d_q, d_k, d_v)], -1)
+    e2, x2 = e_in.reshape(-1, e_in.shape[-1]), x.reshape(-1, x.shape[-1])
+    grads[f"{path}.attention.in_proj_weight"] = e2.t() @ x2 / n
+    grads[f"{path}.attention.in_proj_bias"] = e2.sum(0) / n
+    return e_in @ ctx["transmit"][f"{path}.attention"]
+
+
 def _activation(layer: nn.Module, h: Tensor, z: Tensor, d: Tensor, path: str, ctx: dict) -> Tensor:
     """The error at an activation's input, given the error ``d`` at its output."""
     n, rule, beta = ctx["n"], ctx["rule"], ctx["beta"]
@@ -218,5 +438,5 @@ def _activation(layer: nn.Module, h: Tensor, z: Tensor, d: Tensor, path: str, ct
         return z - _f(layer, h - beta * d)
     if rule == "dfa":
         b = ctx["direct"][path]
-        return _df(layer, h) * ((ctx["e_out"] @ b.reshape(b.shape[0], -1)).reshape(z.shape) + d)
-    return _df(layer, h) * d
+        return _backprop_activation(layer, h, z, (ctx["e_out"] @ b.reshape(b.shape[0], -1)).reshape(z.shape) + d)
+    return _backprop_activation(layer, h, z, d)

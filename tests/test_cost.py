@@ -39,15 +39,8 @@ class Ops(TorchDispatchMode):
 def paper_cnn(rule, batch=2, size=8, model="paper-cnn"):
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-    net = ekdaa.convert(build_model(model, (3, size, size), 10), rule, example_input=x, **extra(rule, model))
+    net = ekdaa.convert(build_model(model, (3, size, size), 10), rule, example_input=x)
     return net, x, y
-
-
-def extra(rule, model):
-    """A BatchNorm network's choices, given explicitly (no warning)."""
-    if model == "paper-cnn":
-        return {}
-    return ekdaa.rules.make_rule(rule).batchnorm_defaults()
 
 
 def step_ops(net, x, y, amp):

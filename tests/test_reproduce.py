@@ -139,7 +139,7 @@ def test_cli_reproduce_finds_shipped_suites_from_anywhere(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "skip fashion-mnist: " in out and "train-images-idx3-ubyte.gz" in out and "(downloads off)" in out
     assert main(["reproduce", "--suite", "nope", "--dry-run"]) == 1
-    assert "unknown suite 'nope': choose one of cpu, paper, resnet-cpu, sign-cpu, sweep-cpu" in capsys.readouterr().err
+    assert "unknown suite 'nope': choose one of cpu, digits-defaults, modern-cpu, paper, resnet-cpu, sign-cpu, sweep-cpu" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])
     assert "cpu, paper, resnet-cpu, sign-cpu, sweep-cpu" in " ".join(capsys.readouterr().out.split())

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..layers import ADDED
+
 from .base import ConversionError, Option, Rule, unconvert
 from .bp import BP
 from .dfa import DirectFeedbackAlignment
@@ -86,13 +88,15 @@ def param_groups(model: nn.Module, lr: float, **group_options: Any) -> list[dict
 
 
 def _learned_feedback(model: nn.Module, rule: Rule | None) -> list[nn.Parameter]:
+    """The parameters the rule added to the model (learned feedback: EKDAA's error kernels, KP's B)."""
     if rule is None:
         return []
     seen: dict[int, nn.Parameter] = {}
     for module in model.modules():
-        p = getattr(module, rule.feedback_name, None) if getattr(module, "rule", None) is rule else None
-        if isinstance(p, nn.Parameter):
-            seen[id(p)] = p
+        for name in module.__dict__.get(ADDED, ()):
+            p = module._parameters.get(name)
+            if p is not None:
+                seen[id(p)] = p
     return list(seen.values())
 
 

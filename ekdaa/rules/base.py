@@ -1,15 +1,23 @@
-"""What every learning rule shares: walking a model, refusing what it cannot train,
-and attaching feedback tensors to weight layers.
+"""What every learning rule shares: walking a model, routing the calls its modules' own forwards
+make, and attaching feedback tensors to weights.
 
 A rule subclasses :class:`Rule` and overrides only the hooks it needs:
 
-* ``convert_weight(path, layer)``: usually ``self.attach_feedback(layer, ...)``;
+* ``convert_weight(path, module, name)``: usually ``self.attach_feedback(module, name, ...)`` for the
+  parameter ``name`` (a weight layer's ``weight``, or one a module applies as a weight itself);
 * ``convert_activation(path, module)`` / ``convert_pool(path, module)``: return a
   replacement module (default: the module itself, i.e. plain autograd);
-* ``feedback(layer)``: the tensor the error is sent down through (default: the
-  tensor attached under ``feedback_name``);
-* ``layer_output(layer, h)``: a last look at a converted layer's output (DFA's hub);
+* ``feedback(module, name)``: the tensor the error is sent down through instead of that parameter
+  (default: the tensor attached for it);
+* ``layer_input(layer, x)`` / ``layer_output(layer, h)``: a look at a weight's input and output (DFA);
 * ``unconvert(model)``: undo what ``convert`` did to the model itself (hooks, frozen parameters).
+
+What each kind of module does under each rule (README: "What each module does"): weight layers and
+weights applied as functions send the error down through the rule's feedback; activations (modules,
+or functions routed to a module made for them, rules/calls.py) are the rule's business; everything
+else (norms by default, residual sums, products of activations such as attention's, parameters a
+module holds, pooling, reshapes) passes the error on as autograd does, and its parameters learn from
+the error that reaches them.
 
 A module a rule puts in place of another (or turns into) has ``unconverted()``, which returns the
 plain module again: :func:`unconvert` walks the model with it.
@@ -27,9 +35,10 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..layers import (ACTIVATIONS, FEEDBACK_CLASSES, INVERSE_STD_NORMS, NORMS, PASSTHROUGH, Sign, conv_args,
-                      glorot_like, glorot_std, layer_init_like, layer_init_std, matched_like, weight_rms)
-from .calls import ACTIVATION_CALLS, MODULE_FORM, activation_calls
+from ..layers import (WEIGHT_LAYERS, Sign, add_to, glorot_like, glorot_std, is_activation, is_feedback_layer,
+                      is_norm, is_weight_layer, layer_init_like, layer_init_std, matched_like, to_feedback_layer,
+                      weight_rms)
+from .calls import ACTIVATION_CALLS, Called, Call, Discovery, Router, Table, discover, route, tensor_arguments
 
 
 class ConversionError(ValueError):
@@ -67,19 +76,20 @@ class Option:
         return value
 
 
-#: The option of the rules that avoid weight transport (not bp), for what crosses a BatchNorm.
+#: The option of the rules that avoid weight transport (not bp), for what crosses a normalisation layer.
 NORM_BACKWARD = Option(
-    "norm_backward", "autograd", "through BatchNorm: autograd: its own backward (the error scaled per channel "
-    "by gamma/sigma, with the batch-statistics terms: a small weight transport); inverse-std: divided by "
-    "sigma only", choices=("autograd", "inverse-std"))
+    "norm_backward", "autograd", "through BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm: autograd: "
+    "their own backward (the error scaled by gamma/sigma, with the statistics' terms: a small, per-channel "
+    "weight transport); inverse-std: divided by sigma only", choices=("autograd", "inverse-std"))
 
 #: The option of the rules with a random feedback tensor (fa, kolen-pollack; sign-symmetry's scale).
 FEEDBACK_INIT = Option(
-    "feedback_init", "glorot", "glorot: Glorot-uniform, independent of W; layer-init: a fresh draw of the layer's "
-    "own initialiser (nn.Conv2d/nn.Linear's default), independent of W but on its initial scale (through "
-    "BatchNorm, which divides by about W's scale, Glorot feedback amplifies the error at every layer); matched: "
-    "uniform with W's own RMS at conversion, independent of W's values (a model with its own initialisation, "
-    "e.g. Kaiming's, gets feedback on that scale)", choices=("glorot", "layer-init", "matched"))
+    "feedback_init", "auto", "auto: matched in a network with normalisation layers, glorot in one without; "
+    "glorot: Glorot-uniform, independent of W; layer-init: a fresh draw of the layer's own initialiser "
+    "(nn.Conv2d/nn.Linear's default), independent of W but on its initial scale; matched: uniform with W's own "
+    "RMS at conversion, independent of W's values (through a norm, which divides by about W's scale, Glorot "
+    "feedback amplifies the error at every layer; W's own scale keeps it as backprop's, whatever W's "
+    "initialiser)", choices=("auto", "glorot", "layer-init", "matched"))
 
 #: How each ``feedback_init`` (and EKDAA's ``error_kernel_init``, whose Glorot draw is called ``random``)
 #: draws a feedback tensor like W, and the standard deviation of that draw (sign symmetry's scale).
@@ -88,10 +98,16 @@ FEEDBACK_DRAWS = {"glorot": glorot_like, "random": glorot_like, "layer-init": la
 FEEDBACK_STDS = {"glorot": glorot_std, "layer-init": layer_init_std, "matched": weight_rms}
 
 
-def random_feedback(layer: nn.Module, init: str) -> Tensor:
-    """A feedback tensor of ``layer.weight``'s shape, independent of W's values, drawn as ``init``
+def random_feedback(weight: Tensor, init: str) -> Tensor:
+    """A feedback tensor of ``weight``'s shape, independent of W's values, drawn as ``init``
     says (a key of :data:`FEEDBACK_DRAWS`)."""
-    return FEEDBACK_DRAWS[init](layer.weight.detach())
+    return FEEDBACK_DRAWS[init](weight.detach())
+
+
+def feedback_attribute(param: str, kind: str) -> str:
+    """Where a rule keeps its ``kind`` of tensor (e.g. ``error_kernel``) for a module's parameter ``param``:
+    ``kind`` itself for a weight layer's ``weight``, ``in_proj_error_kernel`` for ``in_proj_weight``."""
+    return param[:-len("weight")] + kind if param.endswith("weight") else f"{param}_{kind}"
 
 
 def _outside_package() -> int:
@@ -103,6 +119,10 @@ def _outside_package() -> int:
     return level
 
 
+def _where(path: str) -> str:
+    return path or "<root>"
+
+
 class Rule:
     """A learning rule: a choice of backward pass for an ordinary model."""
 
@@ -111,21 +131,20 @@ class Rule:
     feedback_name: ClassVar[str] = "feedback"
     #: True if the rule evaluates f'(h) at every activation, Sign's included (then Sign cannot train)
     uses_derivative: ClassVar[bool] = True
-    #: True if the rule can train any module through plain autograd (bp)
-    accepts_any_module: ClassVar[bool] = False
+    #: activations applied as functions that the rule treats as their module form (routed to a module made
+    #: for each call, rules/calls.py); the rules that use autograd's derivative at activations route none
+    routed_activations: ClassVar[frozenset[str]] = frozenset()
+    #: whether weights applied as functions (F.linear(x, self.W)) send the error through the rule's feedback;
+    #: False for the rules that send it through W (bp) or nowhere below the output (last-layer)
+    routes_weights: ClassVar[bool] = True
     #: learning-rate multiplier of learned feedback tensors (see ekdaa.param_groups)
     feedback_lr_scale: float = 1.0
     #: the rule's options (keyword arguments of ``ekdaa.convert``), each set as an attribute
     OPTIONS: ClassVar[tuple[Option, ...]] = ()
-    #: options whose defaults were chosen on networks without BatchNorm: converting one with BatchNorm
-    #: while any of them is left unset warns, with ``batchnorm_advice``
-    batchnorm_choices: ClassVar[tuple[str, ...]] = ()
-    batchnorm_advice: ClassVar[str] = ""
-    #: the option choosing how a random feedback tensor is drawn (``feedback_init``), if the rule has one
+    #: the option choosing how a random feedback tensor is drawn (``feedback_init``), if the rule has one,
+    #: and what its ``auto`` means in a network without normalisation layers
     init_option: ClassVar[str | None] = None
-    #: activations that, applied as functions in a forward (``F.relu(x)``), would train otherwise than this
-    #: rule says: refused at conversion (sign: its derivative is 0, as for the Sign module)
-    refused_calls: ClassVar[frozenset[str]] = frozenset({"sign"})
+    glorot: ClassVar[str] = "glorot"
 
     def __init__(self, **options: Any):
         known = {o.name: o for o in self.OPTIONS}
@@ -141,15 +160,12 @@ class Rule:
         """The rule's options, as passed to ``ekdaa.convert``."""
         return {o.name: getattr(self, o.name) for o in self.OPTIONS}
 
-    def batchnorm_defaults(self) -> dict[str, Any]:
-        """This rule's values of ``batchnorm_choices``, to pass explicitly to ``ekdaa.convert``."""
-        return {name: getattr(self, name) for name in self.batchnorm_choices}
-
     # -- hooks ---------------------------------------------------------------
-    def prepare(self, model: nn.Module, example_input: Tensor | None) -> None:
-        """Called once before conversion (DFA uses it to trace the model)."""
+    def prepare(self, model: nn.Module, discovery: Discovery) -> None:
+        """Called once before conversion with what :func:`~ekdaa.rules.calls.discover` found (DFA reads
+        the example forward's graph)."""
 
-    def convert_weight(self, path: str, layer: nn.Module) -> None:
+    def convert_weight(self, path: str, module: nn.Module, name: str = "weight") -> None:
         pass
 
     def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
@@ -158,116 +174,154 @@ class Rule:
     def convert_pool(self, path: str, module: nn.Module) -> nn.Module:
         return module
 
-    def feedback(self, layer: nn.Module) -> Tensor | None:
-        return getattr(layer, self.feedback_name)
+    def feedback(self, module: nn.Module, name: str = "weight") -> Tensor | None:
+        return getattr(module, feedback_attribute(name, self.feedback_name))
 
-    def layer_output(self, layer: nn.Module, h: Tensor) -> Tensor:
+    def layer_input(self, layer: Any, x: Tensor) -> Tensor:
+        """A weight's input, before the product (``layer``: the weight layer, or (module, k) for the
+        k-th weight call of a module's own forward)."""
+        return x
+
+    def layer_output(self, layer: Any, h: Tensor) -> Tensor:
+        """A weight's output h = W x + b, as it leaves (``layer`` as in :meth:`layer_input`)."""
         return h
+
+    def start_forward(self, args: tuple) -> None:
+        """Called by the converted model's forward pre-hook, where the rule asks for one (``wants_start``)."""
 
     def unconvert(self, model: nn.Module) -> None:
         """Called on the plain copy :func:`unconvert` makes, after its modules are plain again."""
 
     # -- machinery -----------------------------------------------------------
-    def attach_feedback(self, layer: nn.Module, tensor: Tensor | None, learned: bool | None) -> None:
-        """Turn ``layer`` into its Feedback* class in place and register ``tensor``:
-        as a buffer if ``learned is None`` (fixed), else as a Parameter whose
-        requires_grad is ``learned``."""
-        if isinstance(layer, nn.Conv2d):
-            layer.conv_args = conv_args(layer)
-        layer.__class__ = FEEDBACK_CLASSES[type(layer)]
-        layer.rule = self
-        if tensor is None:
-            return
-        if learned is None:
-            layer.register_buffer(self.feedback_name, tensor)
-        else:
-            layer.register_parameter(self.feedback_name, nn.Parameter(tensor, requires_grad=learned))
+    def attach_feedback(self, module: nn.Module, name: str, tensor: Tensor | None, learned: bool | None) -> None:
+        """Give ``module``'s parameter ``name`` a feedback tensor: a weight layer's ``weight`` turns the
+        layer into its feedback class in place. ``tensor`` is registered (under
+        :func:`feedback_attribute`) as a buffer if ``learned is None`` (fixed), else as a Parameter whose
+        requires_grad is ``learned``; None registers nothing (the rule computes or skips it)."""
+        if name == "weight" and is_weight_layer(module):
+            to_feedback_layer(module, self)
+        if tensor is not None:
+            add_to(module, feedback_attribute(name, self.feedback_name), tensor, learned)
 
     def convert(self, model: nn.Module, example_input: Tensor | None = None) -> nn.Module:
         if getattr(model, "ekdaa_rule", None) is not None:
             raise ConversionError(
                 f"model is already converted to rule {model.ekdaa_rule.name!r}; "
                 "convert a fresh copy of the original model instead")
-        unset = [name for name in self.batchnorm_choices if name not in self.given]
-        if unset and any(type(m) in NORMS for m in model.modules()):
-            warnings.warn(f"{self.name}: this network has BatchNorm, and the defaults of {', '.join(unset)} were "
-                          f"chosen without it: {self.batchnorm_advice}; pass {', '.join(unset)} explicitly (the "
-                          "defaults included) to silence this", stacklevel=_outside_package())
-        self.check_calls(model, example_input)
-        self.prepare(model, example_input)
+        if self.init_option and getattr(self, self.init_option) == "auto":  # fixed here, for this model
+            setattr(self, self.init_option, "matched" if any(is_norm(m) for m in model.modules()) else self.glorot)
+        discovery = discover(model, example_input)
+        self.check_calls(discovery)
+        self.prepare(model, discovery)
         model = self._convert(model, "")
+        self.router = Router(self)
+        paths = {m: p for p, m in model.named_modules()}
+        for owner, calls in discovery.own_calls().items():
+            self._route(owner, paths[owner], calls)
         model.ekdaa_rule = self
+        if self.wants_start():
+            model.register_forward_pre_hook(_start_forward)
         return model
 
-    def check_calls(self, model: nn.Module, example_input: Tensor | None) -> None:
-        """Refuses a model whose modules apply, as a function, an activation in ``refused_calls``
-        (found on ``example_input``, else in an FX trace of each module's forward)."""
-        if not self.refused_calls:
-            return
-        found, untraced = activation_calls(model, example_input)
-        found = [call for call in found if call[2] in self.refused_calls]
-        if found:
-            path, module, name = found[0]
-            more = len({(p, n) for p, _, n in found}) - 1
-            if name == "sign" and self.uses_derivative:
-                why = (f"sign's derivative is 0 almost everywhere, so under rule {self.name!r} nothing below it "
-                       "would learn; use rule 'ekdaa' or 'bp-ste' with the module ekdaa.Sign()")
-            else:
-                form = MODULE_FORM.get(name)
-                why = (f"rule {self.name!r} treats activations its own way only as modules, so this one would "
-                       "silently train by autograd's derivative instead; "
-                       + (f"use the module form, {form}, one instance per use" if form else
-                          f"{name} has no module form this rule trains: use one of "
-                          f"{', '.join(t.__name__ for t in ACTIVATIONS)}"))
-            raise ConversionError(f"module '{path or '<root>'}' ({type(module).__name__}) applies {name} as a "
-                                  f"function in its forward{f' (and {more} more such calls)' if more else ''}: {why}")
-        if untraced:
-            path, module, why = untraced[0]
-            message = (f"rule {self.name!r}: could not read the forward of module '{path or '<root>'}' "
-                       f"({type(module).__name__}) to check it for activations applied as functions ({why}); "
-                       "pass example_input= (one batch) to ekdaa.convert so the check runs on it")
-            if self.refused_calls >= ACTIVATION_CALLS:
+    def wants_start(self) -> bool:
+        """Whether the converted model's forward pre-hook should call :meth:`start_forward`."""
+        return False
+
+    def check_calls(self, discovery: Discovery) -> None:
+        """Refuses what the model's modules apply as functions that this rule cannot train as it says:
+        a parameter used as a matrix outside F.linear/F.convNd (weight transport), an activation with
+        tensor arguments (no module form), a sign under a rule that uses the derivative (it is 0)."""
+        for call in discovery.calls:
+            if call.module_form:
+                continue
+            if call.kind == "transport" and self.routes_weights:
+                raise ConversionError(
+                    f"{call.where} applies {call.name} to its parameter '{call.weight[2]}': that sends the error "
+                    f"down through it (weight transport), which rule {self.name!r} replaces only for weights "
+                    "applied by F.linear/F.conv1d/2d/3d (or nn.Linear/nn.ConvNd): write it so, or use rule 'bp'")
+            if call.kind == "weight" and call.weight is None and self.routes_weights and not (
+                    isinstance(call.owner, WEIGHT_LAYERS) and not is_weight_layer(call.owner)):
+                raise ConversionError(
+                    f"{call.where} applies {call.name} with a weight it computes: rule {self.name!r} needs the "
+                    "weight to be a parameter (or a view of one) to give it feedback; use rule 'bp'")
+            if call.kind != "activation":
+                continue
+            if call.name == "sign" and self.uses_derivative:
+                raise ConversionError(
+                    f"{call.where} applies sign as a function in its forward: sign's derivative is 0 almost "
+                    f"everywhere, so under rule {self.name!r} nothing below it would learn; use rule 'ekdaa' or "
+                    "'bp-ste'")
+            if call.name in self.routed_activations and tensor_arguments(call):
+                raise ConversionError(
+                    f"{call.where} applies {call.name} with a tensor argument as a function in its forward: rule "
+                    f"{self.name!r} treats activations its own way, and this one has no module form it can make; "
+                    f"use an activation module ({'nn.PReLU()' if call.name == 'prelu' else 'e.g. nn.Hardtanh'})")
+        if discovery.untraced:
+            path, module, why = discovery.untraced[0]
+            message = (f"rule {self.name!r}: could not read the forward of module '{_where(path)}' "
+                       f"({type(module).__name__}) to find the activations and weights it applies as functions "
+                       f"({why}); pass example_input= (one batch) to ekdaa.convert so they are found on it")
+            if self.routed_activations >= ACTIVATION_CALLS - {"sign"} or self.routes_weights:
                 raise ConversionError(message)
-            warnings.warn(message, stacklevel=_outside_package())
+            if self.routed_activations or self.uses_derivative:  # a functional sign would matter
+                warnings.warn(message, stacklevel=_outside_package())
+
+    def _route(self, owner: nn.Module, path: str, calls: list[Call]) -> None:
+        """Make ``owner``'s own calls go to this rule's treatment of their module form."""
+        table = Table([], [], activations=bool(self.routed_activations),
+                      norms=getattr(self, "norm_backward", "autograd") == "inverse-std")
+        for call in calls:
+            if call.kind == "activation":
+                site = None
+                if call.name in self.routed_activations:
+                    name = f"ekdaa_{call.name}{call.index}"
+                    called = Called(call.name, call.func, call.args, call.kwargs)
+                    called.key = (owner, call.index)
+                    add_to(owner, name, self._convert(called, f"{path}.{name}" if path else name))
+                    site = owner._modules[name]
+                table.sites.append(site)
+            elif call.kind == "weight" and self.routes_weights:
+                if call.weight is None:
+                    if not table.own_weight:
+                        table.own_weight = True
+                        self.convert_weight(path, owner, "weight")
+                    continue
+                param_path, holder, name = call.weight
+                param = getattr(holder, name)
+                if any(entry[0] is param for entry in table.weights):
+                    continue
+                if not (name == "weight" and is_feedback_layer(holder)) and not self._has_feedback(holder, name):
+                    self.convert_weight(param_path.rpartition(".")[0], holder, name)
+                table.weights.append((param, holder, name))
+        has_norms = table.norms and any(call.kind == "norm" for call in calls)
+        if any(site is not None for site in table.sites) or table.weights or table.own_weight or has_norms:
+            route(owner, self.router, table)
+
+    def _has_feedback(self, module: nn.Module, name: str) -> bool:
+        return feedback_attribute(name, self.feedback_name) in module.__dict__.get("ekdaa_added", ())
 
     def _convert(self, module: nn.Module, path: str) -> nn.Module:
-        where = path or "<root>"
-        kind = type(module)
-        if kind in FEEDBACK_CLASSES:
-            if kind is nn.Conv2d and (module.groups != 1 or module.padding_mode != "zeros"):
-                raise ConversionError(f"rule {self.name!r}: Conv2d at '{where}' needs groups=1 and "
-                                      "padding_mode='zeros'")
-            self.convert_weight(path, module)
+        if is_weight_layer(module):
+            self.convert_weight(path, module, "weight")
             return module
-        if kind in ACTIVATIONS:
-            if kind is Sign and self.uses_derivative:
+        if is_activation(module) or isinstance(module, Called):
+            if (isinstance(module, Sign) or getattr(module, "name", None) == "sign") and self.uses_derivative:
                 raise ConversionError(
-                    f"rule {self.name!r} uses the activation derivative, and Sign at '{where}' has "
+                    f"rule {self.name!r} uses the activation derivative, and Sign at '{_where(path)}' has "
                     "derivative 0 almost everywhere: nothing below it would learn; use rule 'ekdaa'")
             return self.convert_activation(path, module)
-        if kind in PASSTHROUGH:
+        if type(module) in (nn.MaxPool2d, nn.AvgPool2d):
             return self.convert_pool(path, module)
-        if kind in NORMS:
-            if getattr(self, "norm_backward", "autograd") == "inverse-std":
-                module.__class__ = INVERSE_STD_NORMS[kind]  # in place: parameter names stay
-            return module
-        children = list(module.named_children())
-        own = [n for n, p in module.named_parameters(recurse=False)]
-        if not self.accepts_any_module:
-            if own:
-                raise ConversionError(
-                    f"rule {self.name!r} cannot train module '{where}' ({kind.__name__}): it holds "
-                    f"parameters {own} itself; build the model from nn.Conv2d/nn.Linear layers")
-            if not children and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-                raise ConversionError(
-                    f"rule {self.name!r} cannot handle module '{where}' ({kind.__name__}); supported: "
-                    f"Conv2d, Linear, {', '.join(t.__name__ for t in ACTIVATIONS + PASSTHROUGH + NORMS)} "
-                    "and modules whose children are these (e.g. a residual block adding two branches)")
-        for name, child in children:
+        for name, child in list(module.named_children()):
             new = self._convert(child, f"{path}.{name}" if path else name)
             if new is not child:
                 setattr(module, name, new)
         return module
+
+
+def _start_forward(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook on a converted model whose rule asks for one (:meth:`Rule.wants_start`)."""
+    model.ekdaa_rule.start_forward(args)
 
 
 def unconvert(model: nn.Module) -> nn.Module:
@@ -282,6 +336,9 @@ def unconvert(model: nn.Module) -> nn.Module:
         raise ConversionError("unconvert: the model is not converted (ekdaa.convert gives one)")
     plain = copy.deepcopy(model)
     del plain.ekdaa_rule
+    for key, hook in list(plain._forward_pre_hooks.items()):
+        if hook is _start_forward:
+            del plain._forward_pre_hooks[key]
     plain = _unconverted(plain)
     rule.unconvert(plain)
     return plain
@@ -300,8 +357,4 @@ class RandomFeedbackRule(Rule):
     is), as its option ``feedback_init`` says: fa, kolen-pollack, sign-symmetry."""
 
     OPTIONS = (NORM_BACKWARD, FEEDBACK_INIT)
-    batchnorm_choices = (FEEDBACK_INIT.name,)
-    batchnorm_advice = ("through every norm Glorot feedback amplifies the error (README: \"Feedback scale\"); "
-                        "'matched' keeps it on W's own scale whatever W's initialiser ('layer-init': on nn.Conv2d's "
-                        "default scale)")
     init_option = FEEDBACK_INIT.name

@@ -14,4 +14,4 @@ class BP(Rule):
     """Backpropagation (autograd unchanged)."""
 
     name = "bp"
-    accepts_any_module = True
+    routes_weights = False

@@ -46,9 +46,9 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..fused import Fused
-from ..layers import RECOMPUTE, Sign, activation_function, kept_input, recomputable
+from ..layers import ACTIVATIONS, RECOMPUTE, Sign, activation_function, kept_input, recomputable, stochastic
 from .base import NORM_BACKWARD, ConversionError, Option, Rule, random_feedback
-from .calls import ACTIVATION_CALLS
+from .calls import ACTIVATION_CALLS, Called
 
 
 def tanh_by_exp(u: Tensor) -> Tensor:
@@ -62,7 +62,7 @@ def smooth_stand_in(activation: nn.Module, tau: float,
                     tanh: Callable[[Tensor], Tensor] = torch.tanh) -> Callable[[Tensor], Tensor] | None:
     """g(u) = m + r tanh((u - m) / (r tau)) for an activation that clips to [m - r, m + r]
     (Sign: tanh(u / tau); Hardtanh and ReLU6 by their bounds); None for any other."""
-    if isinstance(activation, Sign):
+    if isinstance(activation, Sign) or isinstance(activation, Called) and activation.name == "sign":
         lo, hi = -1.0, 1.0
     elif isinstance(activation, nn.Hardtanh):  # ReLU6 included
         lo, hi = float(activation.min_val), float(activation.max_val)
@@ -141,42 +141,53 @@ def _error_map_fn(activation: nn.Module, tau: float | None, from_output: bool,
         return FROM_OUTPUT[type(activation)]
     if tau is not None:
         return _difference(smooth_stand_in(activation, tau, tanh))
-    return _difference(tanh if isinstance(activation, nn.Tanh) else activation_function(activation))
+    return _difference(tanh if isinstance(activation, nn.Tanh) else activation_function(activation, mean=True))
 
 
 def error_map_kernel(activation: nn.Module, tau: float | None, from_output: bool) -> Fused:
     """The error map of ``activation`` (through its smooth stand-in if ``tau`` is given; from
     its output alone if ``from_output``): ``kernel(x, d, step, scale, z=None)`` with x = h (z if
     ``from_output``; z = f(h) where already computed, literal target only), as one fused pass (on a
-    GPU at any size, on the CPU on large tensors), shared by every layer with the same activation;
+    GPU at any size, on the CPU on large tensors), shared by every layer with the same activation
+    (torch's activations and calls: by type and arguments; a subclass or a parametric one: its own);
     fused, a difference of two tanh values evaluates them as :func:`tanh_by_exp`."""
-    key = (type(activation), activation.extra_repr(), tau, from_output)
+    shared = type(activation) in (*ACTIVATIONS, Called) and not any(True for _ in activation.parameters())
+    key = (type(activation), activation.extra_repr(), tau, from_output) if shared else None
     if key not in _KERNELS:
         # from_output: z is the layer's output, which its user may hold: into a new tensor
-        _KERNELS[key] = Fused(_in_float32(_error_map_fn(activation, tau, from_output, torch.tanh)),
-                              f"EKDAA's error map ({type(activation).__name__})", overwrite=not from_output,
-                              fused_fn=_in_float32(_error_map_fn(activation, tau, from_output, tanh_by_exp)))
+        kernel = Fused(_in_float32(_error_map_fn(activation, tau, from_output, torch.tanh)),
+                       f"EKDAA's error map ({type(activation).__name__})", overwrite=not from_output,
+                       fused_fn=_in_float32(_error_map_fn(activation, tau, from_output, tanh_by_exp)))
+        if key is None:
+            return kernel
+        _KERNELS[key] = kernel
     return _KERNELS[key]
 
 
 class _ErrorMapFn(torch.autograd.Function):
     """z = f(h) forward, keeping h (z with ``error_map_from='output'``); backward maps the arriving d
     to the error map e (``kernel``), written over h, which is dead by then, where h is a layer's own
-    output (not input data, not a view). z itself is never kept: a layer fed z recomputes it from this
-    h (:func:`ekdaa.layers.recompute`), and leaves it here for the error map."""
+    output (not input data, not a view, not an argument of a function call, which its caller may still
+    use). z itself is never kept: a layer fed z recomputes it from this h
+    (:func:`ekdaa.layers.recompute`), and leaves it here for the error map. The activation's own
+    parameters (PReLU's slope) learn from d, the error that reaches its output, as a bias does."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, error_map: "ErrorMap") -> Tensor:
-        z = error_map.f(h)
+    def forward(ctx, h: Tensor, error_map: "ErrorMap", *params: Tensor) -> Tensor:
+        z = error_map.forward_f(h)
         ctx.error_map = error_map
+        # the batch: h's first dimension, or, for a call inside a module (attention's softmax, whose first
+        # dimension may hold the heads too), the model input's
+        ctx.batch = error_map.rule.batch if error_map.called and error_map.rule.batch else h.shape[0]
         if error_map.from_output:  # the memory of backprop, whatever follows; e goes to a new tensor
             ctx.fuse = True
             ctx.save_for_backward(z)
             return z
         # over h only where h is a layer's fresh output, not data or a view (compiled: the compiler decides)
-        ctx.fuse = not torch.compiler.is_compiling() and h.grad_fn is not None and h._base is None
-        setattr(ctx, RECOMPUTE, error_map.f)
+        ctx.fuse = not (error_map.called or torch.compiler.is_compiling()) and h.grad_fn is not None and h._base is None
         ctx.h = ctx.z = None  # h and z, once a layer fed z has looked them up (ekdaa.layers.recompute)
+        if error_map.forward_f is error_map.f:  # z = f(h) again (not for a random draw: the layer keeps its z)
+            setattr(ctx, RECOMPUTE, error_map.f)
         ctx.save_for_backward(h)
         return z
 
@@ -184,8 +195,13 @@ class _ErrorMapFn(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         m: ErrorMap = ctx.error_map
         x = ctx.saved_tensors[0] if m.from_output else kept_input(ctx)  # z, or h (once per backward)
+        params = ()
+        if any(ctx.needs_input_grad[2:]):  # d (x) df/dparam: the activation's parameters' local update
+            with torch.enable_grad():
+                own = tuple(m.activation.parameters())
+                params = torch.autograd.grad(m.f(x.detach()), own, grad, allow_unused=True)
         rule = m.rule
-        n = grad.shape[0] if rule.loss_reduction == "mean" else 1  # grad = d / n under a batch-mean loss
+        n = ctx.batch if rule.loss_reduction == "mean" else 1  # grad = d / n under a batch-mean loss
         step = rule.beta * n  # h~ = h - beta * d = h - step * grad
         if rule.error_norm != "none":
             per_sample = dict(dim=tuple(range(1, grad.dim())), keepdim=True)
@@ -200,7 +216,7 @@ class _ErrorMapFn(torch.autograd.Function):
         if not m.literal or x.device.type != "cpu" or z is not None and _half(z):
             z = None
         error_map = m.kernel if ctx.fuse else m.kernel.fn  # over h (fused where it pays), or into a new tensor
-        return error_map(x, grad, step, 1 / n, z), None
+        return error_map(x, grad, step, 1 / n, z), None, *params
 
 
 class ErrorMap(nn.Module):
@@ -213,13 +229,22 @@ class ErrorMap(nn.Module):
         super().__init__()
         self.activation = activation
         self.rule = rule
-        self.f = activation_function(activation)
+        self.f = activation_function(activation, mean=True)  # the target's f
+        self.forward_f = self.f if not stochastic(activation) else activation_function(activation)
+        self.called = isinstance(activation, Called)  # applied as a function in a module's forward
+        self.parametric = any(True for _ in activation.parameters())  # PReLU
         self.from_output = rule.error_map_from == "output"
-        self.literal = tau is None and not self.from_output  # e = z - f(h~): takes a z already computed
+        # e = z - f(h~): takes a z already computed; a target drawn at random (RReLU) differs from z even
+        # where d = 0, so there e = f(h) - f(h~) through the mean slope
+        self.literal = tau is None and not self.from_output and not stochastic(activation)
         self.kernel = error_map_kernel(activation, tau, self.from_output)
 
     def forward(self, h: Tensor) -> Tensor:
-        return _ErrorMapFn.apply(h, self) if torch.is_grad_enabled() else self.f(h)
+        if not torch.is_grad_enabled():
+            return self.activation(h)
+        if self.parametric:
+            return _ErrorMapFn.apply(h, self, *self.activation.parameters())
+        return _ErrorMapFn.apply(h, self)
 
     def unconverted(self) -> nn.Module:
         return self.activation
@@ -302,22 +327,18 @@ class EKDAA(Rule):
     name = "ekdaa"
     feedback_name = "error_kernel"
     uses_derivative = False
-    refused_calls = ACTIVATION_CALLS  # the error map replaces each activation module
-    batchnorm_choices = ("beta", "error_kernel_init")
+    routed_activations = ACTIVATION_CALLS  # the error map replaces each activation, module or function
     init_option = "error_kernel_init"
-    batchnorm_advice = ("through every norm Glorot error kernels amplify d and beta compounds (README: \"Feedback "
-                        "scale\"); ResNet-20 on digits trained best with error_kernel_init 'layer-init' and beta 0.9 "
-                        "under SGD, and with the random kernels at beta 0.1 under Adam; a model with its own "
-                        "initialisation (e.g. Kaiming's) needs 'matched', W's own scale, in place of 'layer-init'")
+    glorot = "random"
 
     OPTIONS = (
         Option("beta", 0.9, "target step: h~ = h - beta*d", above=0),
         Option("gamma", 1.0, "error-kernel learning rate relative to W's (dE = gamma dW)", at_least=0),
-        Option("error_kernel_init", "random", "random: Glorot, independent of W (no weight transport ever); "
-               "layer-init: a fresh draw of the layer's own initialiser (nn.Conv2d/nn.Linear's default), "
-               "independent of W but on its initial scale; matched: uniform with W's own RMS at conversion, "
-               "independent of W's values; transpose: E starts as a copy of W (the authors' code)",
-               choices=("random", "layer-init", "matched", "transpose")),
+        Option("error_kernel_init", "auto", "auto: matched in a network with normalisation layers, random in one "
+               "without; random: Glorot, independent of W (no weight transport ever); layer-init: a fresh draw of the "
+               "layer's own initialiser (nn.Conv2d/nn.Linear's default), independent of W but on its initial scale; "
+               "matched: uniform with W's own RMS at conversion, independent of W's values; transpose: E starts as a "
+               "copy of W (the authors' code)", choices=("auto", "random", "layer-init", "matched", "transpose")),
         Option("pool_routing", "max", "through max-pools, max sends d to the winning unit; bilinear upsamples "
                "d to the pool's input (the authors' code)", choices=("max", "bilinear")),
         Option("error_norm", "none", "max: divide each sample's d by max|d| when > 1 (the authors' code, conv "
@@ -340,15 +361,17 @@ class EKDAA(Rule):
     def feedback_lr_scale(self) -> float:  # type: ignore[override]
         return self.gamma
 
-    def convert_weight(self, path: str, layer: nn.Module) -> None:
+    def convert_weight(self, path: str, module: nn.Module, name: str = "weight") -> None:
+        weight = getattr(module, name)
         if self.error_kernel_init == "transpose":
-            kernel = layer.weight.detach().clone()
+            kernel = weight.detach().clone()
         else:
-            kernel = random_feedback(layer, self.error_kernel_init)
-        self.attach_feedback(layer, kernel, learned=self.gamma > 0)
+            kernel = random_feedback(weight, self.error_kernel_init)
+        self.attach_feedback(module, name, kernel, learned=self.gamma > 0)
 
     def __init__(self, **options: Any):
         super().__init__(**options)
+        self.batch: int | None = None  # the model input's batch size, at each forward where calls are routed
         if self.error_map_from == "output" and (self.target_function != "activation" or self.error_norm == "relative"):
             raise ConversionError("error_map_from 'output' forms the literal target from z alone: it takes neither "
                                   "target_function 'smooth' nor error_norm 'relative' (both need h)")
@@ -357,6 +380,7 @@ class EKDAA(Rule):
         if self.error_map_from == "output" and type(module) not in FROM_OUTPUT:
             raise ConversionError(f"error_map_from 'output' needs a Tanh or Sigmoid activation, but "
                                   f"'{path or '<root>'}' is {type(module).__name__}: use 'pre-activation' there")
+        self.calls_routed = self.calls_routed or isinstance(module, Called)
         if self.target_function == "activation":
             return ErrorMap(module, self)
         if smooth_stand_in(module, self.tau) is None:
@@ -364,6 +388,14 @@ class EKDAA(Rule):
                 f"target_function 'smooth' needs a Sign, Hardtanh or ReLU6 activation, but '{path or '<root>'}' "
                 f"is {type(module).__name__}: use target_function 'activation' there")
         return ErrorMap(module, self, self.tau)
+
+    calls_routed = False
+
+    def wants_start(self) -> bool:
+        return self.calls_routed
+
+    def start_forward(self, args: tuple) -> None:
+        self.batch = next((a.shape[0] for a in args if isinstance(a, Tensor) and a.dim()), None)
 
     def convert_pool(self, path: str, module: nn.Module) -> nn.Module:
         if type(module) is not nn.MaxPool2d or module.return_indices:

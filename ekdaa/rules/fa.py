@@ -20,5 +20,5 @@ class FeedbackAlignment(RandomFeedbackRule):
 
     name = "fa"
 
-    def convert_weight(self, path: str, layer: nn.Module) -> None:
-        self.attach_feedback(layer, random_feedback(layer, self.feedback_init), learned=None)
+    def convert_weight(self, path: str, module: nn.Module, name: str = "weight") -> None:
+        self.attach_feedback(module, name, random_feedback(getattr(module, name), self.feedback_init), learned=None)

@@ -27,5 +27,5 @@ class KolenPollack(RandomFeedbackRule):
 
     name = "kolen-pollack"
 
-    def convert_weight(self, path: str, layer: nn.Module) -> None:
-        self.attach_feedback(layer, random_feedback(layer, self.feedback_init), learned=True)
+    def convert_weight(self, path: str, module: nn.Module, name: str = "weight") -> None:
+        self.attach_feedback(module, name, random_feedback(getattr(module, name), self.feedback_init), learned=True)

@@ -24,13 +24,13 @@ class LastLayer(Rule):
 
     name = "last-layer"
     uses_derivative = False
-    refused_calls = frozenset()  # no error travels below the output layer, through any activation
+    routes_weights = False  # no error travels below the output layer, through any weight or activation
 
-    def convert_weight(self, path: str, layer: nn.Module) -> None:
-        self.attach_feedback(layer, None, learned=None)
+    def convert_weight(self, path: str, module: nn.Module, name: str = "weight") -> None:
+        self.attach_feedback(module, name, None, learned=None)
 
-    def feedback(self, layer: nn.Module) -> None:
-        return None  # no error travels below the output layer
+    def feedback(self, module: nn.Module, name: str = "weight") -> None:
+        return None
 
     def convert(self, model: nn.Module, example_input: Tensor | None = None) -> nn.Module:
         model = super().convert(model, example_input)

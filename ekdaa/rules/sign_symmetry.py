@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import FEEDBACK_STDS, RandomFeedbackRule
+from ..layers import add_to
+from .base import FEEDBACK_STDS, RandomFeedbackRule, feedback_attribute
 
 
 class SignSymmetry(RandomFeedbackRule):
@@ -22,9 +23,9 @@ class SignSymmetry(RandomFeedbackRule):
 
     name = "sign-symmetry"
 
-    def convert_weight(self, path: str, layer: nn.Module) -> None:
-        self.attach_feedback(layer, None, learned=None)
-        layer.feedback_scale = FEEDBACK_STDS[self.feedback_init](layer.weight)
+    def convert_weight(self, path: str, module: nn.Module, name: str = "weight") -> None:
+        self.attach_feedback(module, name, None, learned=None)
+        add_to(module, feedback_attribute(name, "feedback_scale"), FEEDBACK_STDS[self.feedback_init](getattr(module, name)))
 
-    def feedback(self, layer: nn.Module) -> Tensor:
-        return torch.sign(layer.weight.detach()) * layer.feedback_scale
+    def feedback(self, module: nn.Module, name: str = "weight") -> Tensor:
+        return torch.sign(getattr(module, name).detach()) * getattr(module, feedback_attribute(name, "feedback_scale"))

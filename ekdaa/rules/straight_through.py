@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..layers import Sign
 from .bp import BP
+from .calls import Called
 
 
 class _StraightThroughSignFn(torch.autograd.Function):
@@ -44,6 +45,8 @@ class StraightThroughBP(BP):
 
     name = "bp-ste"
     uses_derivative = False  # Sign's derivative is replaced, so Sign networks train
+    routed_activations = frozenset({"sign"})  # torch.sign(x) in a forward: as the module Sign
 
     def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
-        return StraightThroughSign() if type(module) is Sign else module
+        sign = type(module) is Sign or isinstance(module, Called) and module.name == "sign"
+        return StraightThroughSign() if sign else module

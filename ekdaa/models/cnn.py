@@ -1,47 +1,17 @@
-"""Model registry: plain ``nn.Sequential`` networks any rule can convert (CNNs, an MLP,
-CIFAR ResNets with BatchNorm and residual blocks).
-
-``build_model(name, input_shape, num_classes, activation=...)``; add a model with
-``@register_model("name")`` on a function taking those arguments (``@register_model("name",
-beta=0.1)``: rule options the model recommends, used by runs that leave them unset).
-"""
+"""Plain ``nn.Sequential`` networks: the paper's CNNs, an MLP, and CIFAR ResNets with BatchNorm and
+residual blocks (activation ``tanh`` and no biases unless a run says otherwise)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 from torch import nn
 
-from .layers import Sign
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "leaky-relu": nn.LeakyReLU,
-    "sigmoid": nn.Sigmoid,
-    "hardtanh": nn.Hardtanh,
-    "sign": Sign,
-    "identity": nn.Identity,
-}
-
-MODELS: dict[str, Callable[..., nn.Sequential]] = {}
-#: Rule options a model recommends over the rules' defaults (``TrainConfig`` uses them where a run
-#: leaves the option unset), e.g. ``{"beta": 0.1}``.
-RECOMMENDED: dict[str, dict[str, Any]] = {}
-
-
-def register_model(name: str, **recommended: Any):
-    """Register a model builder under ``name``, with the rule options it recommends."""
-    def add(fn: Callable[..., nn.Sequential]) -> Callable[..., nn.Sequential]:
-        MODELS[name] = fn
-        RECOMMENDED[name] = recommended
-        return fn
-    return add
+from .registry import register_model
 
 
 def _activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    from . import activation_module
+    return activation_module(name)
 
 
 def _cnn(plan: Sequence[int | str], hidden: Sequence[int], input_shape: Sequence[int],
@@ -128,36 +98,15 @@ def _resnet(blocks: int, input_shape: Sequence[int], num_classes: int, activatio
     return nn.Sequential(*layers)
 
 
-# EKDAA's beta: BatchNorm's backward divides the error by sigma (about W's scale) at every layer,
-# and Glorot error kernels are larger than these layers' W, so d grows toward the input (ResNet-20
-# at initialisation, digits: RMS 0.04 at the top, 2.2 at the bottom; in paper-cnn it stays below
-# 0.11) and beta 0.9 drives tanh targets into their flat tails; a small beta compensates by
-# compounding. Digits, 5 epochs, tanh, Adam 1e-3, seeds 0-4: beta 0.9 71.6 / 76.3 % (seeds 0, 1),
-# 0.3 93.3 % (mean), 0.1 95.1 %, 0.03 about 94 % (seeds 2-4). error_kernel_init "layer-init" keeps d
-# flat instead (README, "Feedback scale"), but under Adam it does no better (93.9 % at beta 0.1,
-# 91.5 % at 0.9). Under SGD (lr 0.05, momentum 0.9, cosine, ReLU) the error map's size, about
-# beta f'(h) d, sets the step: there beta 0.1 gave 80.4 %, beta 0.9 with error_norm "max" 95.6 %
-# (seeds 0-2) and beta 0.9 with layer-init kernels 98.1 % (seeds 0-4; bp 98.6 %), which the
-# resnet-cpu suite runs beside its other EKDAA rows. The recommendation is for `ekdaa train`'s
-# default optimizer, Adam.
-_BN_RESNET = dict(beta=0.1)
-
-
-@register_model("resnet20", **_BN_RESNET)
+@register_model("resnet20")
 def resnet20(input_shape: Sequence[int], num_classes: int, activation: str = "relu",
              bias: bool = False) -> nn.Sequential:
     """ResNet-20 for CIFAR (He et al., 2016): 3 stages x 3 blocks, 0.27 M parameters."""
     return _resnet(3, input_shape, num_classes, activation, bias)
 
 
-@register_model("resnet56", **_BN_RESNET)
+@register_model("resnet56")
 def resnet56(input_shape: Sequence[int], num_classes: int, activation: str = "relu",
              bias: bool = False) -> nn.Sequential:
     """ResNet-56 for CIFAR (He et al., 2016): 3 stages x 9 blocks, 0.85 M parameters."""
     return _resnet(9, input_shape, num_classes, activation, bias)
-
-
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Sequential:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
-    return MODELS[name](input_shape, num_classes, **kwargs)
