@@ -20,8 +20,6 @@ from ..config import TrainConfig, TrainError, resolve_device
 from ..data import Normalizer, load_dataset
 from ..rules import unconvert
 
-#: state_dict names of feedback tensors (EKDAA's error kernels, FA/KP/DFA's B): a plain model has none
-FEEDBACK_KEYS = ("error_kernel", "feedback")
 
 
 def rng_preserved(device: torch.device) -> AbstractContextManager[None]:
@@ -32,9 +30,8 @@ def rng_preserved(device: torch.device) -> AbstractContextManager[None]:
 def copy_weights(plain: nn.Module, converted: nn.Module) -> nn.Module:
     """Load ``converted``'s weights into ``plain``, its unconverted twin: feedback tensors are
     dropped, everything else must match exactly. Returns ``plain``."""
-    state = {k: v for k, v in converted.state_dict().items() if k.rsplit(".", 1)[-1] not in FEEDBACK_KEYS}
     try:
-        plain.load_state_dict(state)
+        plain.load_state_dict(unconvert(converted).state_dict())
     except RuntimeError as err:
         raise ValueError("the plain reference model does not match the converted model: "
                          f"{' '.join(str(err).split())[:300]}") from err

@@ -60,7 +60,8 @@ COMPILE_OPTIONS: dict[str, Any] = {"reorder_for_peak_memory": False}
 def compile(model: nn.Module, **kwargs: Any) -> nn.Module:
     """``torch.compile(model, **kwargs)``, with :data:`COMPILE_OPTIONS` for the Inductor backend (a
     ``mode`` is passed as the options it stands for). A converted model compiles to one graph under
-    every rule; its ``.grad`` match eager."""
+    every rule (a routed module, whose own forward applies weights or activations as functions, runs
+    eagerly inside it); its ``.grad`` match eager."""
     if kwargs.get("backend", "inductor") == "inductor":
         mode = kwargs.pop("mode", None)
         modes = torch._inductor.list_mode_options(mode) if mode else {}

@@ -597,6 +597,7 @@ class _Routed:
     ekdaa_router: Router
     ekdaa_calls: Table
 
+    @torch.compiler.disable  # a compiled model runs it eagerly: the compiler would not see the routing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return super().forward(*args, **kwargs)  # type: ignore[misc]
