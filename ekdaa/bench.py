@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import fused as fusion
 from .graphs import GraphedStep, set_capturable
 from .models import build_model
 from .rules import RULES, convert, param_groups
@@ -69,13 +68,15 @@ class _Setup:
         y = torch.randint(NUM_CLASSES, (batch,))
         model = build_model("paper-cnn", shape, NUM_CLASSES, activation="tanh")
         name, options = parse_row(rule)
+        if not fused:
+            options["fuse"] = False  # the error map eager (ekdaa's option)
         model = convert(model, name, example_input=x, **options)  # on CPU: DFA draws its feedback there
         fmt = torch.channels_last if channels_last else torch.preserve_format
         self.model = model.to(device=device, memory_format=fmt).train()
         self.forward = compile_model(self.model) if compile else self.model
         self.x, self.y = x.to(device=device, memory_format=fmt), y.to(device)
         self.opt = torch.optim.SGD(param_groups(self.model, lr=LR), lr=LR, momentum=0.9)
-        self.device, self.dtype, self.fused = device, AMP_DTYPES[amp], fused
+        self.device, self.dtype = device, AMP_DTYPES[amp]
         self.graphed = None  # the last warm-up step records the graph
         if graph:
             set_capturable(self.opt, True)
@@ -83,7 +84,6 @@ class _Setup:
 
     def _train(self, x: Tensor, y: Tensor) -> tuple[Tensor]:
         """One eager training step; gradients are released at the end (zeroed in place under a graph)."""
-        fusion.ENABLED = self.fused  # the error map in one fused pass, or eager
         graphed = self.graphed is not None
         autocast = (torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not graphed) if self.dtype
                     else nullcontext())
@@ -125,13 +125,18 @@ class _Setup:
         for graph and compile rows: a dispatch mode would also spoil torch.compile's cached code)."""
         if self.graphed is not None or self.forward is not self.model:
             return None
-        fusion.ENABLED = False
+        rule = self.model.ekdaa_rule
+        fuse = getattr(rule, "fuse", None)
+        if fuse is not None:
+            rule.fuse = False
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext())
         with _OpCounter() as counter:
             with autocast:
                 loss = F.cross_entropy(self.forward(self.x), self.y)
             loss.backward()
         self.opt.zero_grad(set_to_none=True)
+        if fuse is not None:
+            rule.fuse = fuse
         return counter.count
 
 
@@ -197,18 +202,15 @@ def run(rules: Sequence[str], batch_sizes: Sequence[int], steps: int, repeats: i
     names = list(dict.fromkeys(["bp", *rules]))
     variants = {name: dict(rule=name) for name in names}
     if unfused:
-        variants.update({f"{name}+unfused": dict(rule=name, fused=False) for name in names if name != "bp"})
+        variants.update({f"{name}+unfused": dict(rule=name, fused=False) for name in names
+                         if any(o.name == "fuse" for o in RULES[parse_row(name)[0]].OPTIONS)})
     if compile:
         variants.update({f"{name}+compile": dict(rule=name, compile=True) for name in names})
     if cuda_graph:
         variants.update({f"{name}+graph": dict(rule=name, graph=True) for name in names})
-    enabled = fusion.ENABLED  # each setup switches fusion for its own steps; restored at the end
     inputs = [(batch, INPUT_SHAPE) for batch in batch_sizes] + ([(1, HOST_SHAPE)] if host else [])
-    try:
-        return [row for batch, shape in inputs
-                for row in _run(variants, batch, shape, steps, repeats, device, amp, channels_last)]
-    finally:
-        fusion.ENABLED = enabled
+    return [row for batch, shape in inputs for row in _run(variants, batch, shape, steps, repeats, device, amp,
+                                                           channels_last)]
 
 
 def _run(variants: dict[str, dict[str, Any]], batch: int, shape: tuple[int, ...], steps: int, repeats: int,
@@ -243,7 +245,7 @@ def positive_int(text: str) -> int:
 
 
 def parse_row(row: str) -> tuple[str, dict[str, Any]]:
-    """A benchmark row, ``RULE`` or ``RULE:option=value:...`` (e.g. ``ekdaa:error_map_from=output``),
+    """A benchmark row, ``RULE`` or ``RULE:option=value:...`` (e.g. ``ekdaa:beta=0.5``),
     as the rule's name and options (numbers where they parse as numbers)."""
     name, *pairs = row.split(":")
     options: dict[str, Any] = {}
@@ -277,7 +279,7 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's flags, on ``parser`` (``python -m ekdaa.bench`` and ``ekdaa bench`` alike)."""
     parser.add_argument("--rules", type=_rule_list, default=list(RULES),
                         help=f"comma list from {', '.join(RULES)}, each optionally with rule options as "
-                        "RULE:option=value (e.g. ekdaa:error_map_from=output); bp is always included")
+                        "RULE:option=value (e.g. ekdaa:beta=0.5); bp is always included")
     parser.add_argument("--batch-sizes", type=_batch_list, default=[50, 256], help="comma list")
     parser.add_argument("--steps", type=positive_int, default=5, help="timed steps per block")
     parser.add_argument("--repeats", type=positive_int, default=5, help="blocks per rule")

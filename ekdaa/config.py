@@ -23,6 +23,9 @@ AMP = ("none", "bf16")
 MACHINE_FIELDS = ("out", "device", "data_dir", "download", "eval_batch_size", "compile", "cuda_graph", "max_loss",
                   "log")
 LOGS = ("none", "tensorboard")
+#: Options removed since runs recorded them, with the value every recorded run had (EKDAA's
+#: error_map_from "output" kept only z: no advantage left once the exact form kept what backprop keeps).
+REMOVED_FIELDS = {"error_map_from": "pre-activation"}
 
 
 class TrainError(Exception):
@@ -186,6 +189,13 @@ class _RunFields:
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config from plain values (a TOML file, JSON), each checked against its field's type."""
         names = {f.name for f in dataclasses.fields(cls)}
+        values = dict(values)
+        for key, default in REMOVED_FIELDS.items():  # a run's config written before they went
+            if key in values and values[key] == default:
+                del values[key]
+            elif key in values:
+                raise TrainError(f"config key {key} = {values[key]!r}: that option was removed (only {default!r}, "
+                                 "its default, remains): this run cannot be repeated with this version")
         unknown = sorted(set(values) - names)
         if unknown:
             raise TrainError(f"unknown config keys {unknown}: valid keys are {', '.join(sorted(names))}")

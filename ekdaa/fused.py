@@ -7,13 +7,13 @@ needs, instead of into a fresh tensor (on CPU a fresh large tensor page-faults i
 Python numbers: Dynamo treats floats as symbols (torch >= 2.6), so a new value is no new compile.
 Smaller tensors, and calls while a whole model is being compiled, run the eager function; where
 compilation is impossible (no C++ compiler on CPU, an unsupported device) the first failure prints
-one notice and every later call runs eagerly. ``ENABLED = False`` turns fusion off (the benchmark
-compares both).
+one notice and every later call runs eagerly. Whether a kernel's caller fuses at all is its own
+setting (EKDAA's option ``fuse``; the benchmark compares both).
 
 Writing over an input is safe where nothing else needs it after the backward that consumes
 it; autograd checks the rest: a second backward through the same graph (``retain_graph=True``)
 or another operation that saved the same tensor fails loudly ("modified by an inplace
-operation"), never silently. Set ``ENABLED = False`` for such uses.
+operation"), never silently: call the eager function (``fn``) for such uses.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from torch import Tensor
 #: large batches than one fused kernel; on small ones, where the host is the bottleneck, the compiled
 #: call's host time costs ~10 % of an eager step, which a CUDA graph takes away (README: GPU).
 MIN_NUMEL: dict[str, int] = {"cpu": 1 << 18}
-ENABLED = True
 
 
 def _own_code(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -62,7 +61,7 @@ class Fused:
         return self  # shared by the layers (and copies) of a model: one compile each
 
     def __call__(self, x: Tensor, *rest: Any) -> Tensor:
-        if not ENABLED or self._broken or x.numel() < MIN_NUMEL.get(x.device.type, 0) or torch.compiler.is_compiling():
+        if self._broken or x.numel() < MIN_NUMEL.get(x.device.type, 0) or torch.compiler.is_compiling():
             return self.fn(x, *rest)
         if self._compiled is None:  # shape-generic: one compile serves every layer and batch size
             fn = self.fused_fn

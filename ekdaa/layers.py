@@ -20,8 +20,8 @@ output, returns
 
 with one ``aten.convolution_backward`` call (d through F, dW from e and x: dW never reads W) in the
 dtype of the arriving error. Where x is the output of EKDAA's error map, which keeps h anyway,
-the layer keeps nothing and recomputes x = f(h) from the error map's h (:func:`recomputable`): one
-saved activation per layer, as backprop keeps.
+the layer keeps nothing and recomputes x = f(h) from the error map's h (:class:`ekdaa.memory.SavedInput`):
+one saved activation per layer, as backprop keeps.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .memory import SavedInput
 
 
 class Sign(nn.Module):
@@ -138,42 +140,6 @@ def conv_geometry(kernel_size: tuple[int, ...], stride: Any, padding: Any, dilat
     return pad, (stride, padding, dilation, groups)
 
 
-#: The attribute by which an autograd node (a custom Function's ctx) says that its output is z = f(h)
-#: with h its first saved tensor, and names f: EKDAA's error map, which keeps h for its own backward.
-#: Such a node also has attributes ``h`` and ``z`` (None until this backward looks them up).
-RECOMPUTE = "recompute_output"
-
-
-def recomputable(x: Tensor) -> tuple[Any, tuple | None] | None:
-    """``(node, view)`` when ``x`` is z = f(h), or a view of it (``view``: its size, stride and
-    offset), made by a node that keeps h (:data:`RECOMPUTE`): a backward that needs x then keeps
-    nothing and gets x back from :func:`recompute` (or h, for z's shape and layout, from
-    :func:`kept_input`); else None."""
-    if torch.compiler.is_compiling():  # the compiler chooses what to keep
-        return None
-    z = x if x._base is None else x._base
-    if getattr(z.grad_fn, RECOMPUTE, None) is None:
-        return None
-    return z.grad_fn, None if z is x else (x.size(), x.stride(), x.storage_offset())
-
-
-def kept_input(node: Any) -> Tensor:
-    """The h a :data:`RECOMPUTE` node keeps, unpacked once per backward (saved-tensor hooks, such as
-    activation checkpointing's, allow one unpack) and left on the node (``node.h``) for its own backward."""
-    if node.h is None:
-        node.h = node.saved_tensors[0]
-    return node.h
-
-
-def recompute(node: Any, view: tuple | None) -> Tensor:
-    """The input x that :func:`recomputable` described: z = f(h), computed once per backward and
-    left on the node (``node.z``) for the node's own backward and for z's other users."""
-    z = node.z
-    if z is None:
-        node.z = z = getattr(node, RECOMPUTE)(kept_input(node))
-    return z if view is None else z.as_strided(*view)  # f(h) is laid out as z was
-
-
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -189,10 +155,13 @@ class _FeedbackFn(torch.autograd.Function):
         ctx.conv = conv
         ctx.has_bias, ctx.has_feedback = bias is not None, feedback is not None
         ctx.set_materialize_grads(False)  # no error arrived (DFA, last-layer): no update at all
-        ctx.source = recomputable(x)
-        ctx.save_for_backward(x if ctx.source is None else None, weight, feedback)
-        if conv is None:
+        ctx.x = SavedInput(x)  # nothing, where x is an error map's z: recomputed from its h (ekdaa.memory)
+        ctx.save_for_backward(ctx.x.tensor(x), weight, feedback)
+        if conv is None and x.dim() <= 2:
             return F.linear(x, weight, bias)
+        if conv is None:  # F.linear's would be a view, which an in-place op after it may not modify
+            out = torch.matmul(x, weight.t())
+            return out if bias is None else out.add_(bias)
         return _CONV[weight.dim() - 2](x, weight, bias, *conv)
 
     @staticmethod
@@ -204,7 +173,7 @@ class _FeedbackFn(torch.autograd.Function):
         if not (need_x or need_w or need_b or need_f):
             return None, None, None, None, None
         x, weight, feedback = ctx.saved_tensors
-        x = x if ctx.source is None else recompute(*ctx.source)
+        x = ctx.x.load(x)
         # dW does not depend on the weight's values: one call sends e down through the feedback
         # and correlates it with x
         sender = weight if feedback is None else feedback

@@ -498,3 +498,35 @@ def test_every_convolution_sends_its_error_through_the_feedback_as_autograd_send
                 torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-14)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_an_in_place_activation_may_follow_a_linear_layer_on_tokens():
+    """torchvision's Swin V2 applies ReLU(inplace=True) after a Linear on a 3-d table: the converted
+    layer's output must be its own tensor, not a view made inside the layer's function."""
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3), nn.Flatten(), nn.Linear(15, 2))
+    x = torch.randn(3, 5, 4)
+    for rule in ("fa", "sign-symmetry", "kolen-pollack", "dfa"):
+        model = converted(net, rule, x)
+        torch.testing.assert_close(model(x), net(x))
+        assert grads_of(model, x, torch.arange(3) % 2)["0.weight"].norm() > 0
+
+
+def test_dfa_sends_a_tensor_the_samples_share_the_sum_of_their_errors():
+    """Swin V2's relative position bias: an MLP of a constant table, shared by every sample; its hidden
+    activation gets the batch's sum of B e_L, so the MLP's first layer learns too."""
+    class SharedBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.randn(5, 2))
+            self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(inplace=True), nn.Linear(8, 1))
+
+        def forward(self, x):
+            return x + self.mlp(self.table).view(1, 5)
+
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), SharedBias(), nn.Tanh(), nn.Linear(5, 4))
+    x = torch.randn(6, 3)
+    model = converted(net, "dfa", x)
+    relu = model[2].mlp[1]
+    assert type(relu).__name__ == "DirectFeedback" and relu.layout[0] is None and relu.feedback.shape == (4, 5, 8)
+    got = grads_of(model, x, torch.arange(6) % 4)
+    assert got["2.mlp.0.weight"].norm() > 0 and got["2.mlp.2.weight"].norm() > 0

@@ -181,51 +181,15 @@ def test_smooth_target_matches_reference(options, act):
         assert_close_rel(got[name], g, name=name)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(beta=3.0, error_norm="max")])
-@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid])
-def test_error_map_from_output_matches_reference(options, act):
-    torch.manual_seed(4)
-    net = make_net("max", 1, act=act)
-    randomise(net)
-    x, y = batch(seed=5)
-    model = ekdaa.convert(copy.deepcopy(net), "ekdaa", error_map_from="output", **options)
-    got = grads_of(model, x, y)
-    want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_tensors(model, "ekdaa"), **options)
-    for name, g in want.items():
-        assert_close_rel(got[name], g, name=name)
-
-
-def test_error_map_from_output_is_finite_and_silent_where_saturated():
-    from ekdaa.rules.ekdaa import FROM_OUTPUT
-    h = torch.tensor([9.5, 9.5, -30.0, 0.3], dtype=torch.float32)
-    d = torch.tensor([8.0, 12.0, -200.0, 0.5], dtype=torch.float32)
-    one = torch.tensor(1.0)
-    for act, f in ((nn.Tanh, torch.tanh), (nn.Sigmoid, torch.sigmoid)):
-        e = FROM_OUTPUT[act](f(h), d, one, one)
-        assert torch.isfinite(e).all(), act
-        exact = f(h.double()) - f(h.double() - d.double())
-        assert abs(e[3] - exact[3]) < 1e-6  # an unsaturated unit: the exact error map
-    e = FROM_OUTPUT[nn.Tanh](torch.tanh(h), d, one, one)
-    assert e[0] == 0 and e[1] == 0  # z rounded to 1: h is lost, no error (exact: 0.095, 1.99)
-
-
-def test_error_map_from_output_keeps_what_backprop_keeps():
+def test_ekdaa_keeps_what_backprop_keeps():
     torch.set_default_dtype(torch.float32)
     from test_cost import saved_bytes
     x, y = batch(16)
     torch.manual_seed(0)
     net = make_net()
     bp = saved_bytes(ekdaa.convert(copy.deepcopy(net), "bp"), x, y, amp=False)
-    assert saved_bytes(ekdaa.convert(copy.deepcopy(net), "ekdaa", error_map_from="output"), x, y, amp=False) == bp
-    # the exact form keeps h where backprop keeps z: layers fed z (or a view of it) recompute it from h
+    # EKDAA keeps h where backprop keeps z: layers fed z (or a view of it) recompute it from h
     assert saved_bytes(ekdaa.convert(copy.deepcopy(net), "ekdaa"), x, y, amp=False) == bp
-    # float32: exact in real arithmetic, close where tanh does not saturate
-    torch.manual_seed(1)
-    a = grads_of(ekdaa.convert(copy.deepcopy(net), "ekdaa"), x, y)
-    torch.manual_seed(1)
-    b = grads_of(ekdaa.convert(copy.deepcopy(net), "ekdaa", error_map_from="output"), x, y)
-    for name in a:
-        assert_close_rel(b[name], a[name], tol=1e-4, name=name)
 
 
 def test_smooth_target_is_zero_without_error_and_tends_to_a_pseudo_derivative():
@@ -249,15 +213,14 @@ def test_smooth_target_is_zero_without_error_and_tends_to_a_pseudo_derivative():
 def test_fused_error_map_matches_reference_and_leaves_inputs_alone(monkeypatch):
     import ekdaa.fused
     monkeypatch.setitem(ekdaa.fused.MIN_NUMEL, "cpu", 0)  # fuse even these tiny tensors
-    for act, options in ((nn.Tanh, dict(error_norm="max")), (ekdaa.Sign, dict(target_function="smooth", tau=0.5)),
-                         (nn.Tanh, dict(error_map_from="output"))):
+    for act, options in ((nn.Tanh, dict(error_norm="max")), (ekdaa.Sign, dict(target_function="smooth", tau=0.5))):
         torch.manual_seed(4)
         net = make_net("max", 1, act=act)
         randomise(net)
         x, y = batch(seed=5)
         model = ekdaa.convert(copy.deepcopy(net), "ekdaa", **options)
         got = grads_of(model, x, y)
-        ref = {k: v for k, v in options.items() if k not in ("target_function", "error_map_from")}
+        ref = {k: v for k, v in options.items() if k != "target_function"}
         want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_tensors(model, "ekdaa"),
                                target_function=options.get("target_function", "activation"), **ref)
         for name, g in want.items():
@@ -270,11 +233,11 @@ def test_fused_error_map_matches_reference_and_leaves_inputs_alone(monkeypatch):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
-    monkeypatch.setattr(ekdaa.fused, "ENABLED", False)
+    model.ekdaa_rule.fuse = False
     loss = F.cross_entropy(model(x), y)
     loss.backward(retain_graph=True)
     loss.backward()
-    monkeypatch.setattr(ekdaa.fused, "ENABLED", True)
+    model.ekdaa_rule.fuse = True
     # an activation fed the input itself (or a view of it) must not write over it
     data = torch.randn(4, 6, requires_grad=True)
     before = data.detach().clone()
@@ -765,10 +728,6 @@ def test_convert_refuses_what_it_cannot_train():
         ekdaa.convert(make_net(), "ekdaa", target_function="smooth")
     with pytest.raises(ConversionError, match="target_function 'sharp'"):
         ekdaa.convert(make_net(), "ekdaa", target_function="sharp")
-    with pytest.raises(ConversionError, match="error_map_from 'output' needs a Tanh or Sigmoid.*'1' is ReLU"):
-        ekdaa.convert(make_net(act=nn.ReLU), "ekdaa", error_map_from="output")
-    with pytest.raises(ConversionError, match="neither target_function 'smooth' nor error_norm 'relative'"):
-        ekdaa.convert(make_net(), "ekdaa", error_map_from="output", error_norm="relative")
     with pytest.raises(ValueError, match="tau must be > 0"):
         ekdaa.convert(make_net(act=ekdaa.Sign), "ekdaa", target_function="smooth", tau=0.0)
     with pytest.raises(ConversionError, match="unknown rule 'nope'.*ekdaa"):

@@ -51,6 +51,9 @@ class _HubFn(torch.autograd.Function):
         sent = []
         for (b, (dim, minor)), shape in zip(ctx.feedbacks, ctx.shapes):
             g = (e2 @ b.reshape(b.shape[0], -1).to(e2.dtype)).view(n, *b.shape[1:])
+            if dim is None:  # shared by the samples: the sum of what each sends
+                sent.append(g.sum(0).reshape(shape))
+                continue
             g = (g.transpose(0, 1) if minor else g).reshape(shape[dim], *shape[:dim], *shape[dim + 1:])
             sent.append(g.movedim(0, dim))
         return (e_out, None, *sent)
@@ -95,12 +98,18 @@ def _glorot(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return nn.init.xavier_uniform_(torch.empty(shape, dtype=dtype).view(shape[0], -1)).view(shape)
 
 
-def _layout(a: Tensor | None, b: Tensor | None, n: int) -> tuple[int, int, bool] | None:
+def _layout(a: Tensor | None, b: Tensor | None, n: int) -> tuple[int | None, int, bool] | None:
     """How one tensor, seen on two inputs of ``n`` samples that differ in the last one only, holds the
     samples: ``(dim, k, minor)``, the dimension along which it holds them, n x k entries there (sample =
     index // k) or, ``minor``, k x n (sample = index % n), found as the entries of the last sample,
-    and only those, changed; None where no dimension does (a parameter's, a mixture of samples)."""
-    if a is None or b is None or a.dim() == 0 or a.shape != b.shape:
+    and only those, changed; ``(None, 1, False)`` for one shared by the samples (computed from parameters
+    alone, as Swin V2's relative position bias is: it gets the sum of what the samples send); None where
+    neither holds (a mixture of samples)."""
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    if torch.equal(a, b):
+        return (None, 1, False) if a.requires_grad else None
+    if a.dim() == 0:
         return None
     changed = a != b
     for dim in range(a.dim()):
@@ -191,7 +200,7 @@ class DirectFeedbackAlignment(Rule):
             dim, k, minor = call.layout
             uses, _ = found.setdefault(_key(call), ([], (dim, minor)))
             uses.extend([None] * (call.use + 1 - len(uses)))
-            rest = t.movedim(dim, 0).shape[1:]
+            rest = t.shape if dim is None else t.movedim(dim, 0).shape[1:]
             uses[call.use] = _glorot((n_out, *([k] if k > 1 else []), *rest), t.dtype)
         return found
 

@@ -12,6 +12,13 @@ W is never used to send error down. Per sample:
     dW_l = <e_l (x) z_{l-1}>,  db_l = <sum e_l>            local updates (batch mean <.>)
     dE_l = gamma * dW_l                                    error-kernel update
 
+The two lines of code below, :func:`target` and :func:`error_map`, are the target and the error map;
+the backward of :class:`ErrorMap` applies them to the error d that arrives, in the paper's names. The
+weight layers' part (d through E, dW, dE = dW) is the feedback layers' (:mod:`ekdaa.layers`), with E a
+Parameter named ``error_kernel``; gamma is E's learning rate relative to W's (``ekdaa.param_groups``
+puts E in a group with ``lr = gamma * lr``: under SGD exactly dE = gamma dW, and, unlike scaling E's
+gradient, meaningful under Adam; gamma = 0 freezes E).
+
 Smooth target (``target_function='smooth'``, for sign and hardtanh-like f; not the
 paper's equation, a variant named as such): the target and the error map are formed
 through a smooth stand-in g of f, e = g(h) - g(h~), with g(u) = tanh(u / tau) for sign
@@ -20,21 +27,11 @@ Only g is evaluated, never a derivative, and d = 0 gives e = 0 exactly. For smal
 e ~ beta g'(h) d: a straight-through-style pseudo-derivative g'(h), reached without
 evaluating one. The literal error map z - f(h~) of a sign unit is 0 or +-2 whatever the size of d.
 
-Implementation: a weight layer keeps its forward and sends its error map down
-through its *error kernel* E (``error_kernel``, a Parameter of W's shape whose
-``.grad`` is dW). Each activation module becomes an :class:`ErrorMap` whose
-backward turns the arriving d into the error map e, in one fused pass (on a GPU at any
-size, on the CPU on large tensors) written over the dead pre-activation h (:mod:`ekdaa.fused`;
-a forward hook that keeps h sees it overwritten after backward: clone it there; for
-``retain_graph=True`` set ``ekdaa.fused.ENABLED = False``). It keeps h, not z: a layer fed z
-recomputes it from h in its backward, so a step keeps one activation per layer, as backprop does. gamma is E's learning rate
-relative to W's: ``ekdaa.param_groups`` puts E in a group with ``lr = gamma * lr``,
-which under SGD is exactly dE = gamma * dW at W's learning rate and, unlike scaling
-E's gradient, stays meaningful under Adam. With gamma = 0, E is frozen.
-
-``loss_reduction='mean'``: autograd hands the backward (softmax - onehot) / N from
-a batch-mean cross-entropy; the error map rescales by N so beta acts on per-sample
-errors and the result does not depend on batch size.
+Memory: the error map keeps h (a layer fed z recomputes z from it, so a step keeps one activation
+per layer, as backprop does) and is written over h, which is dead by then (:mod:`ekdaa.memory`), in
+one fused pass (on a GPU at any size, on the CPU on large tensors: :mod:`ekdaa.fused`). A forward hook
+that keeps h sees it overwritten after backward: clone it there; for ``retain_graph=True``, convert
+with ``fuse=False``.
 """
 from __future__ import annotations
 
@@ -43,12 +40,26 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
+from .. import memory
 from ..fused import Fused
-from ..layers import ACTIVATIONS, RECOMPUTE, Sign, activation_function, kept_input, recomputable, stochastic
+from ..layers import ACTIVATIONS, Sign, activation_function, stochastic
 from .base import NORM_BACKWARD, ConversionError, Option, Rule, random_feedback
 from .calls import ACTIVATION_CALLS, Called
+
+
+def target(h: Tensor, d: Tensor, beta: float | Tensor) -> Tensor:
+    """The target's pre-activation, h~ = h - beta d (beta: a number, or per-sample tensors)."""
+    if isinstance(beta, float) and not torch.compiler.is_compiling():
+        return torch.add(h, d, alpha=-beta)  # one op (compiled, torch 2.13's Inductor drops this alpha
+    return h - beta * d                      # where it folds d's matmul into an addmm)
+
+
+def error_map(f: Callable[[Tensor], Tensor], h: Tensor, d: Tensor, beta: float | Tensor,
+              z: Tensor | None = None) -> Tensor:
+    """The error map at an activation f, e = z - f(h - beta d), with z = f(h) (given where already
+    computed); through a smooth stand-in g for f, e = g(h) - g(h - beta d)."""
+    return (f(h) if z is None else z) - f(target(h, d, beta))
 
 
 def tanh_by_exp(u: Tensor) -> Tensor:
@@ -73,45 +84,6 @@ def smooth_stand_in(activation: nn.Module, tau: float,
     return lambda u: tanh((u - mid) * scale) * radius + mid
 
 
-def target(h: Tensor, d: Tensor, step: float | Tensor) -> Tensor:
-    """The target's pre-activation h~ = h - step * d (step: beta, times N under a batch-mean loss; a
-    number, or per-sample tensors under an ``error_norm``)."""
-    if isinstance(step, float) and not torch.compiler.is_compiling():
-        return torch.add(h, d, alpha=-step)  # one op (compiled, torch 2.13's Inductor drops this alpha
-    return h - step * d                      # where it folds d's matmul into an addmm)
-
-
-def _difference(g: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
-    """e = (g(h) - g(h~)) * scale: the paper's error map z - f(h~) with g = f (z = f(h), recomputed
-    from the h kept, or given), or the smooth target's, through its stand-in g (d = 0 gives e = 0)."""
-    def error_map(h: Tensor, d: Tensor, step: float | Tensor, scale: float, z: Tensor | None = None) -> Tensor:
-        return ((g(h) if z is None else z) - g(target(h, d, step))) * scale
-    return error_map
-
-
-def _tanh_from_output(z: Tensor, d: Tensor, step: float | Tensor, scale: float, _: None = None) -> Tensor:
-    """The literal tanh error map from z alone: with t = tanh(step d), tanh(h - step d) =
-    (z - t) / (1 - z t), so e = t (1 - z^2) / (1 - z t) * scale. Where z has rounded to +-1 the
-    pre-activation is lost: e is 0 there (0 where 0/0)."""
-    t = torch.tanh(step * d)
-    den = 1 - z * t
-    return torch.where(den > 0, t * (1 - z * z) / den, 0.0) * scale
-
-
-def _sigmoid_from_output(z: Tensor, d: Tensor, step: float | Tensor, scale: float, _: None = None) -> Tensor:
-    """The literal sigmoid error map from z alone: with m = exp(step d) - 1, sigmoid(h - step d)
-    = z / (1 + (1 - z) m), so e = z (1 - z) m / (1 + (1 - z) m) * scale. Where z has rounded to 0 or
-    1 the pre-activation is lost: e is 0 there (0 where 0/0; exp capped to stay finite)."""
-    m = torch.expm1((step * d).clamp(max=80.0))
-    den = 1 + (1 - z) * m
-    return torch.where(den > 0, z * (1 - z) * m / den, 0.0) * scale
-
-
-FROM_OUTPUT: dict[type[nn.Module], Callable[..., Tensor]] = {nn.Tanh: _tanh_from_output,
-                                                             nn.Sigmoid: _sigmoid_from_output}
-_KERNELS: dict[tuple, Fused] = {}
-
-
 def _half(t: Tensor) -> bool:
     """Whether ``t`` is in a 16-bit float type."""
     return t.dtype in (torch.float16, torch.bfloat16)
@@ -122,42 +94,35 @@ def _wide(t: Tensor) -> Tensor:
     return t.float() if _half(t) else t
 
 
-def _in_float32(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``fn`` taking its small difference in float32 and returning the input's dtype: eagerly at the
-    cost of casts in and one out; fused, in registers (and where torch.compile runs the function
-    eagerly after all, e.g. under a TorchDispatchMode, tanh_by_exp in bf16 would lose e altogether)."""
-    def error_map(x: Tensor, d: Tensor, step: float | Tensor, scale: float, z: Tensor | None = None) -> Tensor:
-        if not _half(x):
-            return fn(x, d, step, scale, z)
-        return fn(x.float(), d.float(), step, scale).to(x.dtype)  # a 16-bit z is never given: see backward
-    return error_map
+def _kernel_fn(f: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
+    """``error_map(f, h, d, beta, z) * scale``, its small difference taken in float32 for 16-bit inputs
+    (eagerly at the cost of casts in and one out; fused, in registers; and where torch.compile runs the
+    function eagerly after all, e.g. under a TorchDispatchMode, tanh_by_exp in bf16 would lose e)."""
+    def kernel(h: Tensor, d: Tensor, beta: float | Tensor, scale: float, z: Tensor | None = None) -> Tensor:
+        if not _half(h):
+            return error_map(f, h, d, beta, z) * scale
+        return (error_map(f, h.float(), d.float(), beta) * scale).to(h.dtype)  # a 16-bit z is never given
+    return kernel
 
 
-def _error_map_fn(activation: nn.Module, tau: float | None, from_output: bool,
-                  tanh: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
-    """The pure elementwise error map of ``activation``, with ``tanh`` where it takes the difference
-    of two tanh values (the from-output form scales e by tanh(beta d) itself: it keeps torch.tanh)."""
-    if from_output:
-        return FROM_OUTPUT[type(activation)]
-    if tau is not None:
-        return _difference(smooth_stand_in(activation, tau, tanh))
-    return _difference(tanh if isinstance(activation, nn.Tanh) else activation_function(activation, mean=True))
+_KERNELS: dict[tuple, Fused] = {}
 
 
-def error_map_kernel(activation: nn.Module, tau: float | None, from_output: bool) -> Fused:
-    """The error map of ``activation`` (through its smooth stand-in if ``tau`` is given; from
-    its output alone if ``from_output``): ``kernel(x, d, step, scale, z=None)`` with x = h (z if
-    ``from_output``; z = f(h) where already computed, literal target only), as one fused pass (on a
-    GPU at any size, on the CPU on large tensors), shared by every layer with the same activation
-    (torch's activations and calls: by type and arguments; a subclass or a parametric one: its own);
-    fused, a difference of two tanh values evaluates them as :func:`tanh_by_exp`."""
+def error_map_kernel(activation: nn.Module, tau: float | None) -> Fused:
+    """The error map of ``activation`` (through its smooth stand-in if ``tau`` is given),
+    ``kernel(h, d, beta, scale, z=None)``, as one fused pass written over h (on a GPU at any size, on
+    the CPU on large tensors), shared by every layer with the same activation (torch's activations and
+    calls: by type and arguments; a subclass or a parametric one: its own); fused, a difference of two
+    tanh values evaluates them as :func:`tanh_by_exp`."""
     shared = type(activation) in (*ACTIVATIONS, Called) and not any(True for _ in activation.parameters())
-    key = (type(activation), activation.extra_repr(), tau, from_output) if shared else None
+    key = (type(activation), activation.extra_repr(), tau) if shared else None
     if key not in _KERNELS:
-        # from_output: z is the layer's output, which its user may hold: into a new tensor
-        kernel = Fused(_in_float32(_error_map_fn(activation, tau, from_output, torch.tanh)),
-                       f"EKDAA's error map ({type(activation).__name__})", overwrite=not from_output,
-                       fused_fn=_in_float32(_error_map_fn(activation, tau, from_output, tanh_by_exp)))
+        def f(tanh: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+            if tau is not None:
+                return smooth_stand_in(activation, tau, tanh)
+            return tanh if isinstance(activation, nn.Tanh) else activation_function(activation, mean=True)
+        kernel = Fused(_kernel_fn(f(torch.tanh)), f"EKDAA's error map ({type(activation).__name__})",
+                       fused_fn=_kernel_fn(f(tanh_by_exp)))
         if key is None:
             return kernel
         _KERNELS[key] = kernel
@@ -165,65 +130,56 @@ def error_map_kernel(activation: nn.Module, tau: float | None, from_output: bool
 
 
 class _ErrorMapFn(torch.autograd.Function):
-    """z = f(h) forward, keeping h (z with ``error_map_from='output'``); backward maps the arriving d
-    to the error map e (``kernel``), written over h, which is dead by then, where h is a layer's own
-    output (not input data, not a view, not an argument of a function call, which its caller may still
-    use). z itself is never kept: a layer fed z recomputes it from this h
-    (:func:`ekdaa.layers.recompute`), and leaves it here for the error map. The activation's own
+    """z = f(h) forward, keeping h; backward: the arriving d to the error map e. The activation's own
     parameters (PReLU's slope) learn from d, the error that reaches its output, as a bias does."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, error_map: "ErrorMap", *params: Tensor) -> Tensor:
-        z = error_map.forward_f(h)
-        ctx.error_map = error_map
+    def forward(ctx, h: Tensor, m: "ErrorMap", *params: Tensor) -> Tensor:
+        z = m.forward_f(h)
+        ctx.error_map = m
         # the batch: h's first dimension, or, for a call inside a module (attention's softmax, whose first
         # dimension may hold the heads too), the model input's
-        ctx.batch = error_map.rule.batch if error_map.called and error_map.rule.batch else h.shape[0]
-        if error_map.from_output:  # the memory of backprop, whatever follows; e goes to a new tensor
-            ctx.fuse = True
-            ctx.save_for_backward(z)
-            return z
-        # over h only where h is a layer's fresh output, not data or a view (compiled: the compiler decides)
-        ctx.fuse = not (error_map.called or torch.compiler.is_compiling()) and h.grad_fn is not None and h._base is None
-        ctx.h = ctx.z = None  # h and z, once a layer fed z has looked them up (ekdaa.layers.recompute)
-        if error_map.forward_f is error_map.f:  # z = f(h) again (not for a random draw: the layer keeps its z)
-            setattr(ctx, RECOMPUTE, error_map.f)
+        ctx.batch = m.rule.batch if m.called and m.rule.batch else h.shape[0]
+        ctx.overwrite = not m.called and memory.writable(h)
+        if m.forward_f is m.f:  # a layer fed z recomputes it (not a random draw: then the layer keeps its z)
+            memory.keeps_input(ctx, m.f)
+        else:
+            ctx.h = ctx.z = None
         ctx.save_for_backward(h)
         return z
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         m: ErrorMap = ctx.error_map
-        x = ctx.saved_tensors[0] if m.from_output else kept_input(ctx)  # z, or h (once per backward)
+        rule = m.rule
+        h = memory.kept_input(ctx)
         params = ()
         if any(ctx.needs_input_grad[2:]):  # d (x) df/dparam: the activation's parameters' local update
             with torch.enable_grad():
-                own = tuple(m.activation.parameters())
-                params = torch.autograd.grad(m.f(x.detach()), own, grad, allow_unused=True)
-        rule = m.rule
-        n = ctx.batch if rule.loss_reduction == "mean" else 1  # grad = d / n under a batch-mean loss
-        step = rule.beta * n  # h~ = h - beta * d = h - step * grad
+                params = torch.autograd.grad(m.f(h.detach()), tuple(m.activation.parameters()), grad, allow_unused=True)
+        # autograd hands grad = d / n under a batch-mean loss: beta d = (beta n) grad, and e / n is the mean's share
+        n = ctx.batch if rule.loss_reduction == "mean" else 1
+        beta = rule.beta * n
         if rule.error_norm != "none":
             per_sample = dict(dim=tuple(range(1, grad.dim())), keepdim=True)
             if rule.error_norm == "max":  # d / max(1, max|d|), per sample
-                step = step / (_wide(grad.abs().amax(**per_sample)) * n).clamp_min(1.0)
+                beta = beta / (_wide(grad.abs().amax(**per_sample)) * n).clamp_min(1.0)
             else:  # relative: d * rms(h), per sample: beta on the pre-activation's scale
-                step = step * _wide(x).square().mean(**per_sample).sqrt()
-        z = getattr(ctx, "z", None)
-        ctx.h = ctx.z = None  # freed with this backward, not with the graph
+                beta = beta * _wide(h).square().mean(**per_sample).sqrt()
+        z = memory.take_output(ctx)
         # a recomputed z saves the kernel an f(h): worth a read on the CPU, not on a GPU; a 16-bit z would
         # bring its rounding (2^-9 of z) into e's small difference, which the kernel forms in float32
-        if not m.literal or x.device.type != "cpu" or z is not None and _half(z):
+        if not m.literal or h.device.type != "cpu" or z is not None and _half(z):
             z = None
-        error_map = m.kernel if ctx.fuse else m.kernel.fn  # over h (fused where it pays), or into a new tensor
-        return error_map(x, grad, step, 1 / n, z), None, *params
+        kernel = m.kernel if ctx.overwrite and rule.fuse else m.kernel.fn  # over h (fused where it pays), or new
+        return kernel(h, grad, beta, 1 / n, z), None, *params
 
 
 class ErrorMap(nn.Module):
     """An activation whose backward is EKDAA's error map (forward unchanged), formed through
-    the activation itself or, with ``tau``, through its smooth stand-in. f, the target function and
-    ``error_map_from`` are fixed at conversion; beta, ``error_norm`` and ``loss_reduction`` are read
-    from the rule at each backward (a schedule may change beta)."""
+    the activation itself or, with ``tau``, through its smooth stand-in. f and the target function
+    are fixed at conversion; beta, ``error_norm``, ``loss_reduction`` and ``fuse`` are read from the
+    rule at each backward (a schedule may change beta)."""
 
     def __init__(self, activation: nn.Module, rule: "EKDAA", tau: float | None = None):
         super().__init__()
@@ -233,11 +189,10 @@ class ErrorMap(nn.Module):
         self.forward_f = self.f if not stochastic(activation) else activation_function(activation)
         self.called = isinstance(activation, Called)  # applied as a function in a module's forward
         self.parametric = any(True for _ in activation.parameters())  # PReLU
-        self.from_output = rule.error_map_from == "output"
         # e = z - f(h~): takes a z already computed; a target drawn at random (RReLU) differs from z even
         # where d = 0, so there e = f(h) - f(h~) through the mean slope
-        self.literal = tau is None and not self.from_output and not stochastic(activation)
-        self.kernel = error_map_kernel(activation, tau, self.from_output)
+        self.literal = tau is None and not stochastic(activation)
+        self.kernel = error_map_kernel(activation, tau)
 
     def forward(self, h: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
@@ -248,50 +203,6 @@ class ErrorMap(nn.Module):
 
     def unconverted(self) -> nn.Module:
         return self.activation
-
-
-class _MaxPoolFn(torch.autograd.Function):
-    """Max-pool forward; backward sends d to the winning unit with autograd's own kernel, which
-    reads the winners' indices and only the shape of the pool's input: it keeps the indices and, for
-    the shape, takes the h that the error map which made the input keeps anyway (not z)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, pool: "MaxPool2d") -> Tensor:
-        out, indices = F.max_pool2d(x, *pool.args, pool.ceil_mode, return_indices=True)
-        node, view = (recomputable(x) if x.device.type in ("cpu", "cuda") else None) or (None, None)  # MPS reads x
-        ctx.pool, ctx.node = pool, node if view is None else None
-        ctx.save_for_backward(x if ctx.node is None else None, indices)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, indices = ctx.saved_tensors
-        like = x if ctx.node is None else kept_input(ctx.node)  # h: z's shape and layout
-        pool = ctx.pool
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad, like, *pool.args, pool.ceil_mode, indices), None
-
-
-class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` (converted in place) that keeps no copy of its input for backward."""
-
-    args: tuple[list[int], ...]  # kernel size, stride, padding, dilation as aten takes them: set by convert
-
-    @classmethod
-    def convert(cls, pool: nn.MaxPool2d) -> "MaxPool2d":
-        kernel = list(_pair(pool.kernel_size))
-        pool.args = kernel, list(_pair(pool.stride or kernel)), list(_pair(pool.padding)), list(_pair(pool.dilation))
-        pool.__class__ = cls  # in place, still an nn.MaxPool2d
-        return pool
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return super().forward(x)
-        return _MaxPoolFn.apply(x, self)
-
-    def unconverted(self) -> nn.Module:
-        del self.args
-        self.__class__ = nn.MaxPool2d
-        return self
 
 
 class _BilinearRouteFn(torch.autograd.Function):
@@ -348,13 +259,11 @@ class EKDAA(Rule):
                "target and error map through g = tanh(u/tau) for sign (hardtanh, relu6: by their bounds), "
                "not the paper's", choices=("activation", "smooth")),
         Option("tau", 1.0, "temperature of the smooth target's g", above=0),
-        Option("error_map_from", "pre-activation", "pre-activation: keep h and form f(h) - f(h - beta*d), "
-               "exact; output (tanh, sigmoid): keep only z = f(h), backprop's memory, exact in real arithmetic, "
-               "but a unit whose z has rounded to +-1 (tanh, |h| > ~9 in float32) gets no error",
-               choices=("pre-activation", "output")),
         NORM_BACKWARD,
         Option("loss_reduction", "mean", "mean if the loss averages over the batch (F.cross_entropy's "
                "default), sum if it sums", choices=("mean", "sum"), train=False),
+        Option("fuse", True, "form the error map in one fused pass written over h (on a GPU, and large CPU "
+               "tensors); False: eagerly, into a new tensor (for retain_graph=True, or to compare)", train=False),
     )
 
     @property
@@ -372,14 +281,8 @@ class EKDAA(Rule):
     def __init__(self, **options: Any):
         super().__init__(**options)
         self.batch: int | None = None  # the model input's batch size, at each forward where calls are routed
-        if self.error_map_from == "output" and (self.target_function != "activation" or self.error_norm == "relative"):
-            raise ConversionError("error_map_from 'output' forms the literal target from z alone: it takes neither "
-                                  "target_function 'smooth' nor error_norm 'relative' (both need h)")
 
     def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
-        if self.error_map_from == "output" and type(module) not in FROM_OUTPUT:
-            raise ConversionError(f"error_map_from 'output' needs a Tanh or Sigmoid activation, but "
-                                  f"'{path or '<root>'}' is {type(module).__name__}: use 'pre-activation' there")
         self.calls_routed = self.calls_routed or isinstance(module, Called)
         if self.target_function == "activation":
             return ErrorMap(module, self)
@@ -402,4 +305,4 @@ class EKDAA(Rule):
             return module
         if self.pool_routing == "bilinear":
             return BilinearRoutedPool(module)
-        return MaxPool2d.convert(module)
+        return memory.MaxPool2d.convert(module)
