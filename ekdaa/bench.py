@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .config import names_from
 from .graphs import GraphedStep, set_capturable
 from .models import build_model
 from .rules import RULES, convert, param_groups
@@ -259,12 +260,7 @@ def parse_row(row: str) -> tuple[str, dict[str, Any]]:
 
 
 def _rule_list(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    bad = [name for name in names if parse_row(name)[0] not in RULES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown rule(s) {', '.join(bad) or repr(text)}: "
-                                         f"valid rules are {', '.join(RULES)}")
-    return names
+    return names_from(text, list(RULES), "rule", lambda row: parse_row(row)[0])
 
 
 def _batch_list(text: str) -> list[int]:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .analysis import ATTACKS, PICTURES, SCORE_ATTACKS
-from .config import Diverged, Stopped, TrainConfig, TrainError
+from .config import Diverged, Stopped, TrainConfig, TrainError, names_from
 from .data import DATASET_NAMES, DataError, dataset_label
 from .models import RECOMMENDED
 from .rules import ConversionError
@@ -27,17 +27,17 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     group); defaults are None so a config file can sit between."""
     groups: dict[str, Any] = {}
     for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        if not meta.get("cli", True):
+        meta, option = f.metadata, f.metadata["option"]
+        if not meta["cli"]:
             continue
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
-        choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
-        default = meta.get("default", f.default)  # a rule option's: the rule's default
+        choices = option.choices() if callable(option.choices) else option.choices
+        default = option.default  # a rule option's: the rule's default
         flag, kind = f"--{f.name.replace('_', '-')}", bool if str(f.type).startswith("bool") else type(default)
         if f.name == "model":
             choices = None  # torchvision:NAME and timm:NAME too: TrainConfig checks it
         models = [f"{m}: {r[f.name]}" for m, r in RECOMMENDED.items() if f.name in r]
-        described = f"{meta['help']} (default {default}{''.join('; ' + m for m in models)})"
+        described = f"{option.help} (default {default}{''.join('; ' + m for m in models)})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=described)
         else:
@@ -146,12 +146,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def _attack_list(text: str) -> list[str]:
-    names = _csv(text)
-    bad = [n for n in names if n not in ATTACKS + SCORE_ATTACKS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown attack(s) {', '.join(bad) or repr(text)}: choose from "
-                                         f"{', '.join(ATTACKS + SCORE_ATTACKS)}")
-    return names
+    return names_from(text, ATTACKS + SCORE_ATTACKS, "attack")
 
 
 def _eps_list(text: str) -> list[float]:

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -45,72 +45,97 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def _option(default: Any, help: str, group: str, choices: Callable[[], Any] | tuple | None = None,
-            minimum: float | None = None, strict: bool = False, cli: bool = True) -> Any:
-    """A TrainConfig field with what ``ekdaa train`` needs to offer it as a flag: its help, its
-    flag group, its allowed values (``choices``, or >= / > ``minimum``); ``cli=False`` keeps it
-    out of the command line."""
+def setting(default: Any, help: str, group: str, *, choices: Callable[[], Any] | tuple | None = None,
+            above: float | None = None, at_least: float | None = None, cli: bool = True) -> Any:
+    """A TrainConfig field, declared as a rule's option is (an :class:`~ekdaa.rules.Option`, named by
+    its field), with its ``ekdaa train`` flag group (``cli=False``: no flag)."""
+    option = Option("", default() if callable(default) else default, help, choices, above, at_least)
     factory = dict(default_factory=default) if callable(default) else dict(default=default)
-    return field(**factory, metadata=dict(help=help, group=group, choices=choices, minimum=minimum, strict=strict,
-                                          cli=cli))
+    return field(**factory, metadata=dict(option=option, group=group, cli=cli))
+
+
+def rule_option(name: str) -> Any:
+    """A TrainConfig field for the option ``name`` of the registered rules (declared in their ``OPTIONS``):
+    left unset (None), it takes the model's recommendation or the option's default."""
+    declared = [(rule, o) for rule, cls in RULES.items() for o in cls.OPTIONS if o.name == name and o.train]
+    if not declared:
+        raise TypeError(f"TrainConfig.{name}: no registered rule has an option {name!r}: remove the field")
+    option, rules = declared[0][1], tuple(rule for rule, _ in declared)
+    for rule, other in declared:
+        if other.default != option.default:
+            raise TypeError(f"rules {rules[0]} and {rule} declare option {name} with different defaults")
+    return field(default=None, metadata=dict(option=option, rules=rules, cli=True,
+                                             group=f"{' / '.join(rules)} options (other rules take none of them)"))
 
 
 WHAT, OPTIMISATION, DATA, MACHINE = "what to train", "optimisation", "data", "machine and output"
 
 
 @dataclass
-class _RunFields:
-    """Everything that defines a run besides its rule's options (the defaults train the
-    digits quickstart)."""
+class TrainConfig:
+    """Everything that defines a run (the defaults train the digits quickstart): general fields, and
+    the options of every registered rule, declared in its ``OPTIONS`` (a rule's own options only apply
+    when it is the run's rule; left unset, they take the model's recommendation or the rule's default),
+    e.g. ``TrainConfig(rule="ekdaa", beta=0.5)``."""
 
-    dataset: str = _option("digits", "dataset: a registered one, or folder:PATH (one sub-folder of images per "
+    dataset: str = setting("digits", "dataset: a registered one, or folder:PATH (one sub-folder of images per "
                            "class, or PATH/train/ and PATH/test/)", WHAT, choices=lambda: DATASET_NAMES)
-    model: str = _option("paper-cnn", "network: a registered one, or torchvision:NAME / timm:NAME (where that "
+    model: str = setting("paper-cnn", "network: a registered one, or torchvision:NAME / timm:NAME (where that "
                          "package is installed)", WHAT, choices=lambda: MODELS)
-    rule: str = _option("ekdaa", "learning rule", WHAT, choices=lambda: RULES)
-    activation: str | None = _option(None, "activation (unset: the model's own; tanh for the paper's CNNs and the "
+    rule: str = setting("ekdaa", "learning rule", WHAT, choices=lambda: RULES)
+    activation: str | None = setting(None, "activation (unset: the model's own; tanh for the paper's CNNs and the "
                                      "ResNets)", WHAT, choices=lambda: ACTIVATIONS)
-    bias: bool | None = _option(None, "biases in every layer (unset: the model's own; none for the paper's CNNs "
+    bias: bool | None = setting(None, "biases in every layer (unset: the model's own; none for the paper's CNNs "
                                 "and the ResNets)", WHAT)
-    epochs: int = _option(10, "epochs", OPTIMISATION, minimum=1)
-    batch_size: int = _option(50, "batch size", OPTIMISATION, minimum=1)
+    epochs: int = setting(10, "epochs", OPTIMISATION, at_least=1)
+    batch_size: int = setting(50, "batch size", OPTIMISATION, at_least=1)
     # Adam lr 1e-3 won the validation sweep (ekdaa/suites/sweep-cpu.toml)
-    optimizer: str = _option("adam", "optimizer", OPTIMISATION, choices=OPTIMIZERS)
-    lr: float = _option(0.001, "learning rate", OPTIMISATION, minimum=0, strict=True)
-    momentum: float = _option(0.9, "SGD momentum", OPTIMISATION, minimum=0)
-    weight_decay: float = _option(0.0, "weight decay, also on learned feedback", OPTIMISATION, minimum=0)
-    max_loss: float = _option(0.0, "stop as diverged (exit 2, last good checkpoint kept) once the epoch's mean "
+    optimizer: str = setting("adam", "optimizer", OPTIMISATION, choices=OPTIMIZERS)
+    lr: float = setting(0.001, "learning rate", OPTIMISATION, above=0)
+    momentum: float = setting(0.9, "SGD momentum", OPTIMISATION, at_least=0)
+    weight_decay: float = setting(0.0, "weight decay, also on learned feedback", OPTIMISATION, at_least=0)
+    max_loss: float = setting(0.0, "stop as diverged (exit 2, last good checkpoint kept) once the epoch's mean "
                               "training loss passes this; 0: 100 x chance's, 100 ln(classes)", OPTIMISATION,
-                              minimum=0)
-    lr_schedule: str = _option("none", "per-epoch schedule: cosine to 0, or x0.1 every epochs/3", OPTIMISATION,
+                              at_least=0)
+    lr_schedule: str = setting("none", "per-epoch schedule: cosine to 0, or x0.1 every epochs/3", OPTIMISATION,
                                choices=SCHEDULES)
-    data_dir: str | None = _option(None, "folder with one sub-folder per dataset (fashion-mnist/, cifar-10/, "
+    data_dir: str | None = setting(None, "folder with one sub-folder per dataset (fashion-mnist/, cifar-10/, "
                                    "svhn/); none: $EKDAA_DATA or the user cache, downloading what is missing", DATA)
-    download: bool = _option(True, "download missing files", DATA)
-    val_split: int = _option(0, "hold out this many training images for validation, fixed by seed", DATA,
-                             minimum=0)
-    image_size: int = _option(0, "folder datasets: resize every image to N x N (0: as they are, one size)", DATA,
-                              minimum=0)
-    train_subset: int = _option(0, "train on the first N training images only (0: all)", DATA, minimum=0)
-    normalization: str = _option("half", "half: x/255-0.5; standard: per-channel mean/std", DATA,
+    download: bool = setting(True, "download missing files", DATA)
+    val_split: int = setting(0, "hold out this many training images for validation, fixed by seed", DATA,
+                             at_least=0)
+    image_size: int = setting(0, "folder datasets: resize every image to N x N (0: as they are, one size)", DATA,
+                              at_least=0)
+    train_subset: int = setting(0, "train on the first N training images only (0: all)", DATA, at_least=0)
+    normalization: str = setting("half", "half: x/255-0.5; standard: per-channel mean/std", DATA,
                                  choices=NORMALIZATIONS)
-    augment: bool = _option(False, "random crop (pad 4), plus horizontal flip for cifar10", DATA)
-    seed: int = _option(0, "seed of weights, feedback, split and order", MACHINE)
-    device: str = _option("auto", "auto, cpu, cuda or cuda:N", MACHINE)
-    amp: str = _option("none", "bf16 autocast for the forward pass", MACHINE, choices=AMP)
-    channels_last: bool = _option(False, "channels_last memory format", MACHINE)
-    compile: bool = _option(False, "torch.compile the model for training steps (needs a C++ compiler on CPU); "
+    augment: bool = setting(False, "random crop (pad 4), plus horizontal flip for cifar10", DATA)
+    seed: int = setting(0, "seed of weights, feedback, split and order", MACHINE)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N", MACHINE)
+    amp: str = setting("none", "bf16 autocast for the forward pass", MACHINE, choices=AMP)
+    channels_last: bool = setting(False, "channels_last memory format", MACHINE)
+    compile: bool = setting(False, "torch.compile the model for training steps (needs a C++ compiler on CPU); "
                             "evaluation stays eager", MACHINE)
-    cuda_graph: bool = _option(False, "CUDA only: replay each full training batch's whole step (forward, loss, "
+    cuda_graph: bool = setting(False, "CUDA only: replay each full training batch's whole step (forward, loss, "
                                "backward, optimizer) from one CUDA graph; a partial batch runs eagerly", MACHINE)
-    eval_batch_size: int = _option(1000, "batch size for evaluation", MACHINE, minimum=1)
-    track_alignment: bool = _option(False, "log per-layer angles (feedback vs W, update vs backprop) and Sign "
+    eval_batch_size: int = setting(1000, "batch size for evaluation", MACHINE, at_least=1)
+    track_alignment: bool = setting(False, "log per-layer angles (feedback vs W, update vs backprop) and Sign "
                                     "layers' flips to metrics.jsonl each epoch", MACHINE)
-    out: str | None = _option(None, "run directory for config, metrics, summary and checkpoint", MACHINE)
-    log: str = _option("none", "tensorboard: also per-step loss and learning rate, per-epoch metrics and alignment "
+    out: str | None = setting(None, "run directory for config, metrics, summary and checkpoint", MACHINE)
+    log: str = setting("none", "tensorboard: also per-step loss and learning rate, per-epoch metrics and alignment "
                        "angles as TensorBoard files in OUT/tensorboard (pip install 'ekdaa[tensorboard]')", MACHINE,
                        choices=LOGS)
-    extra: dict[str, Any] = _option(dict, "free-form notes kept with the run", MACHINE, cli=False)
+    extra: dict[str, Any] = setting(dict, "free-form notes kept with the run", MACHINE, cli=False)
+    # the rules' options (each declared once, in its rules' OPTIONS; a rule with a new option adds its line here)
+    norm_backward: str | None = rule_option("norm_backward")
+    feedback_init: str | None = rule_option("feedback_init")
+    beta: float | None = rule_option("beta")
+    gamma: float | None = rule_option("gamma")
+    error_kernel_init: str | None = rule_option("error_kernel_init")
+    pool_routing: str | None = rule_option("pool_routing")
+    error_norm: str | None = rule_option("error_norm")
+    target_function: str | None = rule_option("target_function")
+    tau: float | None = rule_option("tau")
 
     def __post_init__(self) -> None:
         """A rule option left unset (None) takes the model's recommendation (``RECOMMENDED``) where
@@ -124,11 +149,11 @@ class _RunFields:
         for f in dataclasses.fields(self):
             if "rules" in f.metadata and getattr(self, f.name) is None:
                 pick = recommended.get(f.name) if f.name in own else None
-                setattr(self, f.name, f.metadata["default"] if pick is None else pick)
+                setattr(self, f.name, f.metadata["option"].default if pick is None else pick)
 
     def _recommended(self) -> dict[str, Any]:
         """The rule options this run's model recommends, as their options' types."""
-        options = {f.name: f.metadata["default"] for f in dataclasses.fields(self) if "rules" in f.metadata}
+        options = {f.name: f.metadata["option"].default for f in dataclasses.fields(self) if "rules" in f.metadata}
         recommended = RECOMMENDED.get(self.model, {})
         unknown = sorted(set(recommended) - set(options))
         if unknown:
@@ -148,17 +173,13 @@ class _RunFields:
         """Every field's allowed values, and the rule's options (another rule's, changed: refused)."""
         recommended = self._recommended()
         for f in dataclasses.fields(self):
-            value, choices, minimum = getattr(self, f.name), f.metadata.get("choices"), f.metadata.get("minimum")
-            choices = choices() if callable(choices) else choices
+            value, option, rules = getattr(self, f.name), f.metadata["option"], f.metadata.get("rules")
             if (f.name == "model" and is_zoo(value)) or (value is None and f.name in ("activation", "bias")):
                 continue  # a zoo's model (found when built), or the model's own activations and biases
-            if choices is not None and value not in choices:
-                raise TrainError(f"invalid {f.name} {value!r}: choose one of {', '.join(choices)}")
-            if minimum is not None and not (value > minimum if f.metadata["strict"] else value >= minimum):
-                raise TrainError(f"{f.name} must be {'>' if f.metadata['strict'] else '>='} {minimum}, got {value}")
-            rules = f.metadata.get("rules")
+            if not rules and option.refusal(value, f.name):
+                raise TrainError(option.refusal(value, f.name))
             # another rule's option may hold its default or the model's choice (unused), nothing else
-            if rules and self.rule not in rules and value not in (f.metadata["default"], recommended.get(f.name)):
+            if rules and self.rule not in rules and value not in (option.default, recommended.get(f.name)):
                 raise TrainError(f"{f.name} is an option of rule {', '.join(rules)}, not of {self.rule!r}: "
                                  "drop it or choose that rule")
         if self.log != "none" and not self.out:
@@ -212,32 +233,28 @@ class _RunFields:
         return cls(**{k: float(v) if type(getattr(defaults, k)) is float else v for k, v in values.items()})
 
 
-def _rule_option_fields() -> list[tuple[str, type, Any]]:
-    """One TrainConfig field per option of the registered rules (``Option.train``), declared by the rule."""
-    options: dict[str, tuple[Option, list[str]]] = {}
-    for name, rule in RULES.items():
-        for option in rule.OPTIONS:
-            if not option.train:
-                continue
-            first, rules = options.setdefault(option.name, (option, []))
-            if first.default != option.default:
-                raise TypeError(f"rules {rules[0]} and {name} declare option {option.name} with different defaults")
-            rules.append(name)
-    return [(o.name, type(o.default) | None, field(default=None, metadata=dict(
-        help=o.help, group=f"{' / '.join(rules)} options (other rules take none of them)", choices=o.choices,
-        minimum=None, strict=False, cli=True, rules=tuple(rules), default=o.default)))
-        for o, rules in options.values()]
+def _check_rule_options() -> None:
+    """Every registered rule's option that ``ekdaa train`` offers has its TrainConfig field."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    missing = sorted({o.name for rule in RULES.values() for o in rule.OPTIONS if o.train} - fields)
+    if missing:
+        raise TypeError(f"TrainConfig has no field for the rules' options {missing}: add `NAME: TYPE | None = "
+                        "rule_option(\"NAME\")` for each to ekdaa/config.py")
 
 
-#: Everything that defines a run: the fields of ``_RunFields`` plus every registered rule's own
-#: options (declared once, in the rule's ``OPTIONS``), flat, e.g. ``TrainConfig(rule="ekdaa", beta=0.5)``;
-#: an option left unset takes the model's recommendation or the rule's default.
-TrainConfig = dataclasses.make_dataclass("TrainConfig", _rule_option_fields(), bases=(_RunFields,))
-TrainConfig.__module__ = __name__
-TrainConfig.__doc__ = """Everything that defines a run (the defaults train the digits quickstart): general
-fields, and the options of every registered rule, declared in its ``OPTIONS`` (a rule's own options
-only apply when it is the run's rule; left unset, they take the model's recommendation, e.g. beta 0.1
-for the BatchNorm ResNets, or the rule's default)."""
+_check_rule_options()
+
+
+def names_from(text: str, valid: Sequence[str], what: str, name_of: Callable[[str], str] = str) -> list[str]:
+    """A comma-separated list of names for a command-line option (argparse's ``type``): each known
+    (``name_of(item)`` among ``valid``), or one line naming the unknown ones and the valid."""
+    import argparse
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if name_of(name) not in valid]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(bad) or repr(text)}: choose from "
+                                         f"{', '.join(valid)}")
+    return names
 
 
 def resolve_device(name: str) -> torch.device:

@@ -224,11 +224,9 @@ class _FeedbackLayer:
     def unconverted(self) -> nn.Module:
         """This layer as its nn class again (in place; ``ekdaa.unconvert``): W and b kept, what the
         rule added dropped."""
-        remove_added(self)
         for attr in ("rule", "geometry"):
             self.__dict__.pop(attr, None)
-        self.__class__ = type(self).__bases__[1]
-        return self
+        return restored(self)
 
 
 _FEEDBACK_CLASSES: dict[type, type] = {}
@@ -256,6 +254,14 @@ def remove_added(module: nn.Module) -> None:
     for name in module.__dict__.pop(ADDED, []):
         for store in (module._parameters, module._buffers, module._modules, module.__dict__):
             store.pop(name, None)
+
+
+def restored(module: nn.Module) -> nn.Module:
+    """A module a rule turned into a subclass made for it (``Mixin, Cls``), in place: its own class
+    again, without what the rule added (:func:`add_to`)."""
+    remove_added(module)
+    module.__class__ = type(module).__bases__[1]
+    return module
 
 
 def to_feedback_layer(layer: nn.Module, rule: Any) -> None:

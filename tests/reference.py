@@ -188,6 +188,23 @@ class Concat(Add):
         return torch.cat([x, self.branch(x)], 1)
 
 
+def transmit_of(model: nn.Module) -> dict[str, Tensor]:
+    """What each weight of a model (converted, or plain) sends the error down through, by module path, as
+    its rule says (:meth:`ekdaa.rules.Rule.feedback`): W where no rule converted it, or where the rule
+    sends nothing (dfa: the reference ignores it there); an attention module's input projection at its
+    own path."""
+    rule = getattr(model, "ekdaa_rule", None)
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            sent = m.rule.feedback(m) if hasattr(m, "rule") else None
+            out[path] = (m.weight if sent is None else sent).detach()
+        elif isinstance(m, nn.MultiheadAttention):
+            sent = rule.feedback(m, "in_proj_weight") if rule is not None and rule.routes_weights else None
+            out[path] = (m.in_proj_weight if sent is None else sent).detach()
+    return out
+
+
 def reference_grads(layers: list, rule: str, x: Tensor, y: Tensor, *, beta: float = 0.9,
                     pool_routing: str = "max", error_norm: str = "none",
                     target_function: str = "activation", tau: float = 1.0, norm_backward: str = "autograd",

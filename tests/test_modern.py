@@ -21,7 +21,7 @@ import ekdaa
 from ekdaa.models import build_model
 from ekdaa.models.modern import ConvNeXtBlock, LayerNorm2d
 from ekdaa.rules import RULES, ConversionError
-from reference import Add, Concat, First, Gate, Permute, Scale, SelfAttention, Tokens, reference_grads
+from reference import Add, Concat, First, Gate, Permute, Scale, SelfAttention, Tokens, reference_grads, transmit_of
 
 X = torch.randn(2, 3, 8, 8)
 
@@ -170,18 +170,6 @@ def test_every_family_converts_under_every_rule_and_every_parameter_learns(famil
     plain_again = ekdaa.unconvert(model)
     assert [type(m) for m in plain_again.modules()] == [type(m) for m in net.modules()]
     net.load_state_dict(plain_again.state_dict())
-
-
-def transmit_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What each weight of a converted model sends the error down through (the reference's ``transmit``)."""
-    rule = model.ekdaa_rule
-    out = {}
-    for path, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            out[path] = (rule.feedback(m) if hasattr(m, "rule") else m.weight).detach()
-        elif isinstance(m, nn.MultiheadAttention):
-            out[path] = (rule.feedback(m, "in_proj_weight") if rule.routes_weights else m.in_proj_weight).detach()
-    return out
 
 
 REFERENCE = {"inverted-residual": lambda: nn.Sequential(*[  # the gate a sigmoid: torch's Hardsigmoid backward

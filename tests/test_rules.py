@@ -18,7 +18,7 @@ from ekdaa.models import build_model
 from ekdaa.models.modern import LayerNorm2d
 from ekdaa.rules import ConversionError, make_rule
 from ekdaa.rules.dfa import DirectFeedback
-from reference import Residual, reference_grads
+from reference import Residual, reference_grads, transmit_of
 
 
 
@@ -51,20 +51,6 @@ def randomise(net: nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-
-
-def transmit_tensors(model: nn.Module, rule: str) -> dict[int, torch.Tensor]:
-    out = {}
-    for i, layer in enumerate(model):
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            if rule in ("bp", "bp-ste", "dfa"):
-                out[i] = layer.weight.detach()
-            elif rule == "sign-symmetry":
-                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
-                out[i] = torch.sign(layer.weight.detach()) * (2.0 / (fan_in + fan_out)) ** 0.5
-            else:
-                out[i] = getattr(layer, "error_kernel" if rule == "ekdaa" else "feedback").detach()
-    return out
 
 
 def grads_of(model: nn.Module, x, y, loss_sum: bool = False) -> dict[str, torch.Tensor]:
@@ -104,7 +90,7 @@ def test_grads_match_reference(rule, pool, padding):
     model = ekdaa.convert(copy.deepcopy(net), rule, example_input=x)
     got = grads_of(model, x, y)
     direct = {i: m.feedback for i, m in enumerate(model) if isinstance(m, DirectFeedback)}
-    want = reference_grads(list(net), rule, x, y, transmit=transmit_tensors(model, rule), direct=direct)
+    want = reference_grads(list(net), rule, x, y, transmit=transmit_of(model), direct=direct)
     for name, g in want.items():
         assert_close_rel(got[name], g, name=f"{rule} {name}")
     learned = [n for n in got if n.endswith(("error_kernel", "feedback"))]
@@ -130,7 +116,7 @@ def test_grouped_convolutions_and_modern_activations_match_reference(rule):
     model = ekdaa.convert(copy.deepcopy(net), rule, example_input=x, **({"beta": 0.5} if rule == "ekdaa" else {}))
     got = grads_of(model, x, y)
     direct = {i: m.feedback for i, m in enumerate(model) if isinstance(m, DirectFeedback)}
-    want = reference_grads(list(net), rule, x, y, transmit=transmit_tensors(model, rule), direct=direct,
+    want = reference_grads(list(net), rule, x, y, transmit=transmit_of(model), direct=direct,
                            **({"beta": 0.5} if rule == "ekdaa" else {}))
     assert set(want) == {n for n in got if not n.endswith(("error_kernel", "feedback"))}
     for name, g in want.items():
@@ -151,7 +137,7 @@ def test_ekdaa_options_match_reference(options, act):
     model = ekdaa.convert(copy.deepcopy(net), "ekdaa", **options)
     got = grads_of(model, x, y)
     ref_opts = {k: v for k, v in options.items() if k in ("beta", "pool_routing", "error_norm")}
-    want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_tensors(model, "ekdaa"), **ref_opts)
+    want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_of(model), **ref_opts)
     for name, g in want.items():
         if g.norm() > 0:
             assert_close_rel(got[name], g, name=name)
@@ -174,7 +160,7 @@ def test_smooth_target_matches_reference(options, act):
     model = ekdaa.convert(copy.deepcopy(net), "ekdaa", target_function="smooth", **options)
     got = grads_of(model, x, y)
     ref_opts = {k: v for k, v in options.items() if k in ("beta", "tau", "pool_routing", "error_norm")}
-    want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_tensors(model, "ekdaa"),
+    want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_of(model),
                            target_function="smooth", **ref_opts)
     for name, g in want.items():
         assert g.norm() > 0, name  # the smooth target reaches every layer, unlike sign's literal one
@@ -221,7 +207,7 @@ def test_fused_error_map_matches_reference_and_leaves_inputs_alone(monkeypatch):
         model = ekdaa.convert(copy.deepcopy(net), "ekdaa", **options)
         got = grads_of(model, x, y)
         ref = {k: v for k, v in options.items() if k != "target_function"}
-        want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_tensors(model, "ekdaa"),
+        want = reference_grads(list(net), "ekdaa", x, y, transmit=transmit_of(model),
                                target_function=options.get("target_function", "activation"), **ref)
         for name, g in want.items():
             assert_close_rel(got[name], g, name=f"{act.__name__} {name}")
@@ -267,7 +253,7 @@ def test_straight_through_bp_on_a_sign_network_matches_reference():
     x = x * 0.2  # keep some |h| <= 1 in every layer, so the estimator passes something
     model = ekdaa.convert(copy.deepcopy(net), "bp-ste")
     got = grads_of(model, x, y)
-    want = reference_grads(list(net), "bp-ste", x, y, transmit=transmit_tensors(net, "bp"))
+    want = reference_grads(list(net), "bp-ste", x, y, transmit=transmit_of(net))
     for name, g in want.items():
         assert g.norm() > 0, name
         assert_close_rel(got[name], g, name=name)
@@ -319,16 +305,7 @@ def test_grads_through_batchnorm_and_residual_blocks_match_reference(rule, norm_
     options = {} if norm_backward == "autograd" else dict(norm_backward=norm_backward)
     model = ekdaa.convert(copy.deepcopy(net), rule, example_input=x, **chosen(rule, **options))
     got = grads_of(model, x, y)
-    transmit = {}
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            w = m.weight.detach()
-            if rule == "sign-symmetry":
-                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(w)
-                transmit[name] = torch.sign(w) * (2.0 / (fan_in + fan_out)) ** 0.5
-            else:
-                transmit[name] = getattr(m, {"ekdaa": "error_kernel", "fa": "feedback",
-                                             "kolen-pollack": "feedback"}.get(rule, "weight")).detach()
+    transmit = transmit_of(model)
     direct = {name: m.feedback for name, m in model.named_modules() if isinstance(m, DirectFeedback)}
     want = reference_grads(as_reference(net), rule, x, y, transmit=transmit, direct=direct, **options)
     assert {n for n in got if not n.endswith(("error_kernel", "feedback"))} == set(want)
@@ -413,6 +390,10 @@ def test_layer_init_feedback_is_independent_of_w_on_its_initial_scale(rule):
     for i, w_rms in zip((0, 3), rms):
         assert feedback_scale(drawn[i]) == pytest.approx(w_rms, rel=0.05)  # both one draw of W's init
         assert feedback_scale(glorot[i]) > 1.5 * w_rms  # Glorot is sqrt(3) larger for these layers
+        if rule == "sign-symmetry":  # s sign(W), s the Glorot std
+            fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(net[i].weight)
+            want = torch.sign(net[i].weight.detach()) * (2.0 / (fan_in + fan_out)) ** 0.5
+            assert torch.equal(glorot[i].rule.feedback(glorot[i]), want)
         if rule != "sign-symmetry":  # its feedback is sign(W) by design
             b = drawn[i].rule.feedback(drawn[i]).detach().flatten()
             w = drawn[i].weight.detach().flatten()

@@ -109,7 +109,7 @@ def plot_filters(run: RunDir, out: Path, kernels: bool = False) -> Path:
     ax.set_ylabel("filter index: first of row")
     label = "filters W"
     if kernels:
-        label = "error kernels E" if layer.rule.feedback_name == "error_kernel" else "feedback B"
+        label = layer.rule.feedback_label
     shown = f"{min(len(tensor), MAX_TILES)} of {len(tensor)}"
     ax.set_title(f"{run.label}: first-layer {label}, layer '{name}'\n{shown}, {kh}x{kw}, "
                  f"{'RGB' if image.ndim == 3 else 'grey'}, each scaled so 0 is mid-grey", fontsize=10)

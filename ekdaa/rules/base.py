@@ -31,7 +31,7 @@ import copy
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from torch import Tensor, nn
 
@@ -47,17 +47,30 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """One option of a rule: its default (which fixes its type), what it does, its allowed
-    values (``choices``, or a number above ``above``, or at least ``at_least``), and whether
-    ``ekdaa train`` offers it (``train=False``: for users who write their own loop)."""
+    """One option (of a rule, or a field of ``TrainConfig``): its default (which fixes its type, where
+    it is not None), what it does, its allowed values (``choices``, a tuple or a function giving one, or
+    a number above ``above``, or at least ``at_least``), and whether ``ekdaa train`` offers a rule's
+    option (``train=False``: for users who write their own loop)."""
 
     name: str
     default: Any
     help: str
-    choices: tuple[Any, ...] | None = None
+    choices: tuple[Any, ...] | Callable[[], Any] | None = None
     above: float | None = None
     at_least: float | None = None
     train: bool = True
+
+    def refusal(self, value: Any, name: str | None = None) -> str | None:
+        """What is wrong with ``value`` (its choices, its bounds; not its type), or None."""
+        name = name or self.name
+        choices = self.choices() if callable(self.choices) else self.choices
+        if choices is not None and value not in choices:
+            return f"invalid {name} {value!r}: choose one of {', '.join(map(str, choices))}"
+        if self.above is not None and not value > self.above:
+            return f"{name} must be > {self.above:g}, got {value}"
+        if self.at_least is not None and not value >= self.at_least:
+            return f"{name} must be >= {self.at_least:g}, got {value}"
+        return None
 
     def check(self, value: Any) -> Any:
         """``value`` as this option's type, or a ConversionError saying what is allowed."""
@@ -66,13 +79,9 @@ class Option:
             raise ConversionError(f"option {self.name} = {value!r} should be a {kind.__name__}, "
                                   f"like its default {self.default!r}")
         value = kind(value)
-        if self.choices is not None and value not in self.choices:
-            raise ConversionError(f"invalid {self.name} {value!r}: choose one of "
-                                  f"{', '.join(map(str, self.choices))}")
-        if self.above is not None and not value > self.above:
-            raise ConversionError(f"{self.name} must be > {self.above:g}, got {value}")
-        if self.at_least is not None and not value >= self.at_least:
-            raise ConversionError(f"{self.name} must be >= {self.at_least:g}, got {value}")
+        refusal = self.refusal(value)
+        if refusal:
+            raise ConversionError(refusal)
         return value
 
 
@@ -127,8 +136,9 @@ class Rule:
     """A learning rule: a choice of backward pass for an ordinary model."""
 
     name: ClassVar[str]
-    #: state_dict name of the tensor the error travels down through
+    #: state_dict name of the tensor the error travels down through, and what figures call it
     feedback_name: ClassVar[str] = "feedback"
+    feedback_label: ClassVar[str] = "feedback B"
     #: True if the rule evaluates f'(h) at every activation, Sign's included (then Sign cannot train)
     uses_derivative: ClassVar[bool] = True
     #: activations applied as functions that the rule treats as their module form (routed to a module made

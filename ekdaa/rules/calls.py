@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
-from ..layers import add_to, conv_geometry, feedback_product, is_activation, is_norm, is_weight_layer, remove_added
+from ..layers import add_to, conv_geometry, feedback_product, is_activation, is_norm, is_weight_layer, restored
 
 # -- what a call is ---------------------------------------------------------------------------------
 
@@ -606,9 +606,7 @@ class _Routed:
 
     def unconverted(self) -> nn.Module:
         """This module as its own class again (in place), without what its rule added."""
-        remove_added(self)
-        self.__class__ = type(self).__bases__[1]
-        return self
+        return restored(self)
 
 
 _ROUTED_CLASSES: dict[type, type] = {}

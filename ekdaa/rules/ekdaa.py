@@ -237,6 +237,7 @@ class EKDAA(Rule):
 
     name = "ekdaa"
     feedback_name = "error_kernel"
+    feedback_label = "error kernels E"
     uses_derivative = False
     routed_activations = ACTIVATION_CALLS  # the error map replaces each activation, module or function
     init_option = "error_kernel_init"
