@@ -189,7 +189,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .reproduce import report
+    from .reproduce import headline, report
+    if args.headline:
+        print(headline(args.results))
+        return 0
     print(f"wrote {report(args.results, args.out)}")
     return 0
 
@@ -248,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
                         description="Table of every finished suite run (mean ± std over seeds) and learning curves.")
     rp.add_argument("--results", default="results", help="run records folder (default results)")
     rp.add_argument("--out", default="RESULTS.md", help="Markdown file to write (default RESULTS.md)")
+    rp.add_argument("--headline", action="store_true", help="print the README's results table instead")
     rp.set_defaults(func=cmd_report)
 
     from . import bench

@@ -345,6 +345,46 @@ def report(results: str | Path = "results", out: str | Path = "RESULTS.md") -> P
     return out
 
 
+#: The README's results table: per row a suite, a dataset, what the row is, and which run of each rule it
+#: shows: a label (``{rule}`` for the rule's name), or None for the rule's row with the best validation
+#: accuracy (never test: ``_best_by_validation``'s choice).
+HEADLINE = (
+    ("quickstart", "digits", "paper-cnn, tanh, Adam, 10 epochs", "{rule}"),
+    ("digits-defaults", "digits", "ResNet-20, tanh, Adam, 5 epochs", "{rule}"),
+    ("digits-defaults", "digits", "ResNet-20, tanh, SGD lr 0.05, 5 epochs", "{rule}-sgd"),
+    ("cpu", "fashion-mnist", "small-cnn, tanh, SGD or Adam, 5 epochs", None),
+    ("cpu", "cifar10", "small-cnn, tanh, SGD or Adam, 5 epochs", None),
+    ("resnet-cpu", "cifar10", "ResNet-20, ReLU, SGD, 10 epochs", None),
+    *(("modern-cpu", dataset, f"{model}, Adam, 3 epochs", f"{{rule}}-{model}") for dataset in ("fashion-mnist", "cifar10")
+      for model in ("mobilenet", "convnext", "vit")),
+)
+HEADLINE_RULES = ("bp", "ekdaa", "kolen-pollack", "sign-symmetry", "fa", "dfa", "last-layer")
+
+
+def headline(results: str | Path = "results") -> str:
+    """The README's results table from the records (``HEADLINE``): test accuracy in %, the mean over the
+    seeds recorded (their number in brackets), "-" where a rule has no record."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for rec in _records(Path(results)):
+        if rec["summary"]["activation"] != "sign":  # the sign networks' rows are their own table's
+            groups.setdefault((rec["suite"], rec["dataset"], rec["provenance"]["label"]), []).append(rec)
+    lines = ["| suite | dataset | network, optimizer, budget | " + " | ".join(HEADLINE_RULES) + " |",
+             "| --- | --- | --- |" + " --- |" * len(HEADLINE_RULES)]
+    for suite, dataset, what, label in HEADLINE:
+        rows = {k[2]: v for k, v in groups.items() if k[:2] == (suite, dataset)}
+        cells = []
+        for rule in HEADLINE_RULES:
+            if label is not None:
+                recs = rows.get(label.format(rule=rule), [])
+            else:
+                chosen = _chosen_labels({(suite, dataset, lbl, None): recs for lbl, recs in rows.items()})
+                recs = rows.get(chosen.get(rule, rule), [])
+            accs = [r["summary"]["test_accuracy"] for r in recs]
+            cells.append(f"{100 * statistics.mean(accs):.2f} ({len(accs)})" if accs else "-")
+        lines.append(f"| `{suite}` | {dataset} | {what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _robustness(results: Path) -> list[str]:
     """The robustness summaries (``ekdaa attack --summary --out results/robustness[/NAME]``), each
     with its plot, under their hand-written ``results/robustness/NOTES.md``."""
@@ -360,6 +400,21 @@ def _robustness(results: Path) -> list[str]:
         lines += [f"### `{where.as_posix()}`", "", f"![accuracy under attack]({(md.parent / 'summary.png').as_posix()})", "",
                   md.read_text().replace("\n### ", "\n#### ").strip(), ""]
     return lines
+
+
+def _chosen_labels(rows: dict[tuple, list[dict[str, Any]]]) -> dict[str, str]:
+    """Each rule's row with the best mean validation accuracy (its own methods aside, as
+    :func:`_best_by_validation` keeps them), by rule; a rule with no validation record is left out."""
+    scores: dict[str, list[tuple[float, str]]] = {}
+    for (_, _, label, _), recs in rows.items():
+        summary = recs[0]["summary"]
+        options = summary.get("rule_options", {})
+        if options.get("error_kernel_init") == "transpose" or options.get("target_function", "activation") != "activation":
+            continue
+        vals = [r["summary"]["val_accuracy"] for r in recs if r["summary"]["val_accuracy"] is not None]
+        if vals:
+            scores.setdefault(summary["rule"], []).append((statistics.mean(vals), label))
+    return {rule: max(s)[1] for rule, s in scores.items()}
 
 
 def _best_by_validation(rows: dict[tuple, list[dict[str, Any]]]) -> list[str]:
