@@ -131,6 +131,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"checkpoint {path} does not exist: pass the checkpoint.pt of a run directory")
+    with open(path, "rb") as f:
+        start = f.read(4)
+    if start and start[:2] != b"PK" and start[:1] != b"\x80":  # neither a torch zip nor a pickle
+        raise TrainError(f"{path} is not a checkpoint (a torch file): pass the run's checkpoint.pt (or model.pt, "
+                         "checkpoint-best.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, ...: torch's own text is for its developers

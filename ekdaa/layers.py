@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from typing import Any, Callable
 
 import torch
@@ -215,6 +216,8 @@ class _FeedbackLayer:
 
     def forward(self, x: Tensor) -> Tensor:
         rule, geometry = self.rule, self.geometry
+        if rule.plain:  # the model as it is, with backprop's gradients (ekdaa.backprop)
+            return type(self).__bases__[1].forward(self, x)
         x = rule.layer_input(self, x)
         if geometry is not None and geometry[0] is not None:
             x = F.pad(x, geometry[0], mode=geometry[1])
@@ -230,6 +233,19 @@ class _FeedbackLayer:
 
 
 _FEEDBACK_CLASSES: dict[type, type] = {}
+
+
+def subclass_for(mixin: type, kind: type, prefix: str, made: dict[type, type], module: str) -> type:
+    """``class <prefix><Kind>(mixin, kind)``, made once per ``kind`` and named in ``module``, so that a
+    converted model pickles (by name) like any other."""
+    if kind not in made:
+        name, taken = prefix + kind.__name__, 1
+        while hasattr(sys.modules[module], name):  # two classes of one name (torchvision's and timm's ResNet)
+            name, taken = f"{prefix}{kind.__name__}_{taken}", taken + 1
+        cls = type(name, (mixin, kind), {"__module__": module, "__qualname__": name, "__doc__": kind.__doc__})
+        setattr(sys.modules[module], name, cls)
+        made[kind] = cls
+    return made[kind]
 
 #: The attribute listing what a rule added to a module (tensors, submodules, numbers), for remove_added.
 ADDED = "ekdaa_added"
@@ -267,16 +283,12 @@ def restored(module: nn.Module) -> nn.Module:
 def to_feedback_layer(layer: nn.Module, rule: Any) -> None:
     """Turn a weight layer (:func:`is_weight_layer`) into its feedback class in place."""
     kind = type(layer)
-    if kind not in _FEEDBACK_CLASSES:
-        _FEEDBACK_CLASSES[kind] = type(f"Feedback{kind.__name__}", (_FeedbackLayer, kind),
-                                       {"__module__": __name__, "__doc__": f"{kind.__name__} whose error travels "
-                                        "down through a feedback tensor"})
     if isinstance(layer, nn.modules.conv._ConvNd):
         pad, conv = conv_geometry(layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups)
         if layer.padding_mode != "zeros":
             pad, conv = layer._reversed_padding_repeated_twice, (conv[0], [0] * len(conv[0]), *conv[2:])
         layer.geometry = pad, "constant" if layer.padding_mode == "zeros" else layer.padding_mode, conv
-    layer.__class__ = _FEEDBACK_CLASSES[kind]
+    layer.__class__ = subclass_for(_FeedbackLayer, kind, "Feedback", _FEEDBACK_CLASSES, __name__)
     layer.rule = rule
 
 

@@ -18,16 +18,22 @@ from torch import Tensor
 from .config import TrainError
 
 
+def summary_writer() -> type:
+    """TensorBoard's SummaryWriter, or a one-line error saying how to install it (a run asks before it
+    writes anything)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("--log tensorboard needs the tensorboard package: pip install 'ekdaa[tensorboard]' "
+                         "(or pip install tensorboard)") from None
+    return SummaryWriter
+
+
 class TensorBoard:
     """Writes a run's scalars; ``every`` is the most steps between two :meth:`flush` calls."""
 
     def __init__(self, folder: Path, device: torch.device, every: int):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrainError("--log tensorboard needs the tensorboard package: pip install 'ekdaa[tensorboard]' "
-                             "(or pip install tensorboard)") from None
-        self.writer = SummaryWriter(str(folder))
+        self.writer = summary_writer()(str(folder))
         self.losses = torch.zeros(every, device=device)
         self.pending = 0
 

@@ -37,7 +37,7 @@ from .models import build_model
 from .rules import compile as compile_model
 from .rules import convert, param_groups
 from .rundir import RunDirectory
-from .tensorboard import TensorBoard
+from .tensorboard import TensorBoard, summary_writer
 
 __all__ = ["AMP", "MACHINE_FIELDS", "OPTIMIZERS", "SCHEDULES", "Data", "Diverged", "Result", "Run", "Stopped",
            "TrainConfig", "TrainError", "build", "evaluate", "evaluate_checkpoint", "load_checkpoint", "load_model",
@@ -192,6 +192,8 @@ class Run:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print,
                  progress: bool | None = None):
         cfg.validate()
+        if cfg.log == "tensorboard":
+            summary_writer()  # before anything is written to --out
         self.progress = progress
         self.device, self.dist = join_processes(cfg)
         self.dir = RunDirectory(cfg.out, self.dist.is_main, log)
@@ -358,9 +360,13 @@ class Run:
                              torch.tensor(self.stops.number > 0, device=self.device)]).to(torch.int32)
         nan, exploded, stop = self.dist.all_sum(flags).tolist()
         if nan or exploded:
-            where = f" (last good checkpoint: {self.out / 'checkpoint.pt'})" if self.out else ""
             why = ("loss or parameters are NaN/inf" if nan else
                    f"the epoch's mean training loss passed --max-loss {self.max_loss:.3g}")
+            where = ""
+            if self.out and (self.out / "checkpoint.pt").exists():
+                where = f" (last good checkpoint: {self.out / 'checkpoint.pt'})"
+            elif self.out:
+                where = f" in a new --out (no checkpoint was written: {self.out} holds only its config and log)"
             raise Diverged(f"training diverged at epoch {self.state.epoch + 1} step {self.state.step}: {why}; "
                            f"lower --lr (now {self.cfg.lr}){where}")
         return stop > 0

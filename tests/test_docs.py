@@ -29,3 +29,27 @@ def test_the_readmes_results_table_is_what_the_records_say():
     text = (ROOT / "README.md").read_text()
     table = text.split("<!-- headline -->\n", 1)[1].split("\n<!-- /headline -->", 1)[0]
     assert table == headline(ROOT / "results"), "regenerate it: ekdaa report --headline"
+
+
+def test_every_command_line_option_the_docs_name_is_one_its_command_takes(capsys):
+    from ekdaa.cli import main
+    named: dict[str, set[str]] = {}
+    for path in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        for command, rest in re.findall(r"\bekdaa ([a-z]+)\b([^`\n]*)", path.read_text()):
+            named.setdefault(command, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest))
+    try:
+        main(["--help"])
+    except SystemExit:
+        pass
+    commands = set(re.findall(r"^    ([a-z]+)\b", capsys.readouterr().out, flags=re.M))
+    assert {"train", "reproduce", "attack"} <= named.keys() & commands
+    for command, options in sorted(named.items()):
+        if command not in commands:  # prose: "ekdaa unfused"
+            continue
+        try:
+            main([command, "--help"])
+        except SystemExit:
+            pass
+        taken = set(re.findall(r"--[a-z][a-z0-9-]*", capsys.readouterr().out))
+        assert taken, f"ekdaa {command} is not a command"
+        assert options <= taken, f"ekdaa {command} takes no {sorted(options - taken)}"

@@ -83,6 +83,16 @@ def test_bad_folders_are_one_line_errors(tmp_path):
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="no class sub-folders with images"):
         load_dataset(f"folder:{tmp_path / 'empty'}")
+    one = write_classes(tmp_path / "one", classes=1, per_class=4)
+    with pytest.raises(DataError, match="one class .class0.: a classifier needs at least two class sub-folders"):
+        load_dataset(f"folder:{one}")
+    write_classes(one / "train", classes=1, per_class=4)
+    write_classes(one / "test", classes=1, per_class=2)
+    with pytest.raises(DataError, match="train: one class .class0.: a classifier needs at least two"):
+        load_dataset(f"folder:{one}")
+    (write_classes(tmp_path / "hollow", classes=3, per_class=2) / "class9").mkdir()
+    with pytest.raises(DataError, match="class9: a class folder without images .*: add its images or remove"):
+        load_dataset(f"folder:{tmp_path / 'hollow'}")
     root = write_classes(tmp_path / "broken", classes=2, per_class=2)
     (root / "class1" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(DataError, match=r"class1/0.png: not a readable image .*: remove or replace it"):

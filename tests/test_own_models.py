@@ -142,8 +142,37 @@ def test_no_false_alarm_on_the_registered_models(name):
     for rule in ("ekdaa", "bp-ste"):
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # no "could not read" warning either
-            warnings.filterwarnings("ignore", message=".*BatchNorm")
             ekdaa.convert(build_model(name, (3, 8, 8), 5), rule)  # FX trace of every custom module
+    for rule in sorted(RULES):  # BatchNorm networks included: no advice printed on every conversion
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ekdaa.convert(build_model(name, (3, 8, 8), 5), rule, example_input=X)
+
+
+class Transporting(nn.Module):
+    """A weight applied as a matrix outside F.linear: a refusal under a rule that replaces W's transport."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.weight)
+
+
+@pytest.mark.parametrize("rule", ["ekdaa", "fa", "kolen-pollack"])
+def test_no_warning_before_a_refusal_and_at_most_one_per_conversion(rule):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning first would be raised here instead of the refusal
+        with pytest.raises(ConversionError):
+            ekdaa.convert(nn.Sequential(Transporting(), nn.BatchNorm1d(4), nn.Linear(4, 2)), rule,
+                          example_input=torch.randn(3, 4))
+        with pytest.raises(ConversionError, match="already converted"):
+            ekdaa.convert(ekdaa.convert(nn.Sequential(nn.Linear(4, 2)), rule), rule)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ekdaa.convert(nn.Sequential(Branching(), Branching(), nn.Linear(4, 2)), "bp")
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

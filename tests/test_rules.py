@@ -743,3 +743,18 @@ def test_auto_feedback_takes_ws_own_scale_in_a_network_with_norms_and_glorots_wi
         torch.manual_seed(0)
         matched = ekdaa.convert(norm_net(nn.BatchNorm2d(3)), rule, **{option: "matched"})
         assert torch.equal(auto.ekdaa_rule.feedback(auto[0]), matched.ekdaa_rule.feedback(matched[0]))
+
+
+def test_converted_models_of_two_classes_with_one_name_pickle_and_round_trip():
+    import pickle
+
+    def net() -> nn.Sequential:  # a new class named Net on each call (torchvision's and timm's ResNet)
+        return type("Net", (nn.Sequential,), {"__module__": __name__})(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+
+    first, second = ekdaa.convert(net(), "fa"), ekdaa.convert(net(), "fa")
+    assert type(first).__name__ != type(second).__name__
+    globals()["Net"] = type(first).__bases__[1]  # the plain class, findable by name as a user's would be
+    again = pickle.loads(pickle.dumps(first))
+    assert type(again) is type(first)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(again(x), first(x))

@@ -202,7 +202,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
     run = Run(tiny(tmp_path, epochs=2), resume=True, log=lambda s: None)
     with torch.no_grad():
         next(run.model.parameters())[0, 0] = float("nan")
-    with pytest.raises(Diverged, match="diverged.*lower --lr"):
+    with pytest.raises(Diverged, match=r"diverged.*lower --lr .now 0.05. .last good checkpoint: .*checkpoint.pt.$"):
         run.fit()
     assert ckpt.read_bytes() == before
 
@@ -211,7 +211,9 @@ def test_cli_divergence_exit_code(tmp_path, capsys):
     code = main(["train", "--model", "mlp", "--rule", "bp", "--epochs", "1", "--lr", "1e30", "--activation", "relu",
                  "--train-subset", "200", "--out", str(tmp_path / "d"), "--device", "cpu"])
     assert code == 2
-    assert "diverged" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "diverged" in err and "last good checkpoint" not in err and not (tmp_path / "d" / "checkpoint.pt").exists()
+    assert f"lower --lr (now 1e+30) in a new --out (no checkpoint was written: {tmp_path / 'd'} holds only" in err
 
 
 class _CallsPrint:
@@ -239,6 +241,10 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
     assert "code ran" not in capsys.readouterr().out
     with pytest.raises(TrainError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    for name in ("config.json", "train.log"):  # a run's other files, given by mistake
+        with pytest.raises(TrainError, match=rf"run.{name} is not a checkpoint \(a torch file\): pass the run's "
+                                             "checkpoint.pt"):
+            load_checkpoint(tmp_path / "run" / name)
 
 
 def test_cli_train_config_file_and_eval(tmp_path, capsys):
@@ -437,3 +443,4 @@ def test_tensorboard_logs_every_steps_loss_and_each_epoch(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
     with pytest.raises(TrainError, match=r"needs the tensorboard package: pip install 'ekdaa\[tensorboard\]'"):
         train(tiny(tmp_path, "none", log="tensorboard"), log=lambda s: None)
+    assert not (tmp_path / "none").exists()  # nothing written: the same command works once it is installed

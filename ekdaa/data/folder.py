@@ -56,12 +56,14 @@ def _classes(folder: Path) -> dict[str, list[Path]]:
     """Images per class sub-folder of ``folder``, sorted."""
     classes = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = sorted(p for p in sub.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
-        if images:
-            classes[sub.name] = images
-    if not classes:
+        classes[sub.name] = sorted(p for p in sub.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+    if not any(classes.values()):
         raise DataError(f"{folder}: no class sub-folders with images ({', '.join(EXTENSIONS)}): put each class's "
                         "images in a folder of its own, e.g. PATH/cat/1.png")
+    empty = [name for name, images in classes.items() if not images]
+    if empty:
+        raise DataError(f"{folder / empty[0]}: a class folder without images ({', '.join(EXTENSIONS)}): add its "
+                        "images or remove the folder")
     return classes
 
 
@@ -75,10 +77,16 @@ def _layout(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[P
         if unknown:
             raise DataError(f"{root / 'test'}: classes {unknown} have no training images in {root / 'train'}")
         names = list(train)
+        if len(names) < 2:
+            raise DataError(f"{root / 'train'}: one class ({names[0]}): a classifier needs at least two class "
+                            "sub-folders with images")
         return names, [(p, names.index(c)) for c in names for p in train[c]], \
             [(p, names.index(c)) for c in test for p in test[c]]
     found = _classes(root)
     names = list(found)
+    if len(names) < 2:
+        raise DataError(f"{root}: one class ({names[0]}): a classifier needs at least two class sub-folders "
+                        "with images")
     return names, [(p, names.index(c)) for c in names for p in found[c]], None
 
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..layers import ADDED
 
-from .base import ConversionError, Option, Rule, unconvert
+from .base import ConversionError, Option, Rule, backprop, unconvert
 from .bp import BP
 from .dfa import DirectFeedbackAlignment
 from .ekdaa import EKDAA
@@ -101,5 +101,5 @@ def _learned_feedback(model: nn.Module, rule: Rule | None) -> list[nn.Parameter]
     return list(seen.values())
 
 
-__all__ = ["COMPILE_OPTIONS", "RULES", "Option", "Rule", "ConversionError", "compile", "convert", "make_rule",
-           "param_groups", "unconvert"]
+__all__ = ["COMPILE_OPTIONS", "RULES", "Option", "Rule", "ConversionError", "backprop", "compile", "convert",
+           "make_rule", "param_groups", "unconvert"]

@@ -27,15 +27,17 @@ them, and ``TrainConfig``, ``ekdaa train``'s flags and the suites take them from
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
+import torch
 from torch import Tensor, nn
 
-from ..layers import (WEIGHT_LAYERS, Sign, add_to, glorot_like, glorot_std, is_activation, is_feedback_layer,
+from ..layers import (WEIGHT_LAYERS, Sign, add_to, subclass_for, glorot_like, glorot_std, is_activation, is_feedback_layer,
                       is_norm, is_weight_layer, layer_init_like, layer_init_std, matched_like, to_feedback_layer,
                       weight_rms)
 from .calls import ACTIVATION_CALLS, Called, Call, Discovery, Router, Table, discover, route, tensor_arguments
@@ -156,6 +158,9 @@ class Rule:
     init_option: ClassVar[str | None] = None
     glorot: ClassVar[str] = "glorot"
 
+    #: True while the converted model runs as the plain model, with backprop's gradients (:func:`backprop`)
+    plain: bool = False
+
     def __init__(self, **options: Any):
         known = {o.name: o for o in self.OPTIONS}
         unknown = sorted(set(options) - set(known))
@@ -231,6 +236,7 @@ class Rule:
         model.ekdaa_rule = self
         if self.wants_start():
             model.register_forward_pre_hook(_start_forward)
+        model.__class__ = subclass_for(_Converted, type(model), "Converted", _CONVERTED_CLASSES, __name__)
         return model
 
     def wants_start(self) -> bool:
@@ -327,6 +333,58 @@ class Rule:
             if new is not child:
                 setattr(module, name, new)
         return module
+
+
+@contextlib.contextmanager
+def backprop(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, a converted ``model`` is the plain model: its forward as always, its backward
+    backprop's, every gradient (input's and parameters') the true one; its rule's again after. What an
+    input-gradient method on a converted model gets without asking (see :class:`_Converted`), with the
+    parameters' true gradients too."""
+    rule = _root(model).ekdaa_rule
+    previous, rule.plain = rule.plain, True
+    try:
+        yield model
+    finally:
+        rule.plain = previous
+
+
+def _root(model: nn.Module) -> nn.Module:
+    """The converted model inside a DistributedDataParallel or torch.compile wrapper."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    if getattr(model, "ekdaa_rule", None) is None:
+        raise ConversionError("the model is not converted (ekdaa.convert gives one)")
+    return model
+
+
+def _wants_input_gradient(args: tuple, kwargs: dict) -> bool:
+    return any(isinstance(a, Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
+
+
+class _Converted:
+    """Mixin on a converted model: a forward whose input requires grad (an attack, a saliency map, the
+    inner loop of adversarial training) runs the plain model, so the input's gradient is the true one,
+    with the parameters detached, so that no parameter gets backprop's gradient from it without asking
+    (``ekdaa.backprop`` asks). A training step, whose input requires no grad, runs the rule (in train
+    or eval mode alike)."""
+
+    ekdaa_rule: Rule
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        rule = self.__dict__.get("ekdaa_rule")  # absent on a slice (model[:3]): the parts act on their own
+        if rule is None or rule.plain or not torch.is_grad_enabled() or not _wants_input_gradient(args, kwargs):
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        with backprop(self):
+            detached = {name: p.detach() for name, p in self.named_parameters()}
+            return torch.func.functional_call(self, detached, args, kwargs)
+
+    def unconverted(self) -> nn.Module:
+        self.__class__ = type(self).__bases__[1]
+        return self.unconverted() if hasattr(self, "unconverted") else self
+
+
+_CONVERTED_CLASSES: dict[type, type] = {}
 
 
 def _start_forward(model: nn.Module, args: tuple) -> None:

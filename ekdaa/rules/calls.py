@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
-from ..layers import add_to, conv_geometry, feedback_product, is_activation, is_norm, is_weight_layer, restored
+from ..layers import (add_to, conv_geometry, feedback_product, is_activation, is_norm, is_weight_layer, restored,
+                      subclass_for)
 
 # -- what a call is ---------------------------------------------------------------------------------
 
@@ -599,7 +600,7 @@ class _Routed:
 
     @torch.compiler.disable  # a compiled model runs it eagerly: the compiler would not see the routing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self.ekdaa_router.rule.plain:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         with self.ekdaa_router.running(self, self.ekdaa_calls):
             return super().forward(*args, **kwargs)  # type: ignore[misc]
@@ -614,12 +615,9 @@ _ROUTED_CLASSES: dict[type, type] = {}
 
 def route(module: nn.Module, router: Router, table: Table) -> None:
     """Make ``module``'s own calls go where ``table`` says while it runs (in place: a subclass of its class)."""
-    kind = type(module)
-    if kind not in _ROUTED_CLASSES:
-        _ROUTED_CLASSES[kind] = type(f"Routed{kind.__name__}", (_Routed, kind), {"__module__": kind.__module__})
     add_to(module, "ekdaa_router", router)
     add_to(module, "ekdaa_calls", table)
-    module.__class__ = _ROUTED_CLASSES[kind]
+    module.__class__ = subclass_for(_Routed, type(module), "Routed", _ROUTED_CLASSES, __name__)
 
 
 def is_routed(module: nn.Module) -> bool:

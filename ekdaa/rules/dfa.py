@@ -79,7 +79,7 @@ class DirectFeedback(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         z = self.activation(h)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not self.rule.plain:
             use = self.rule.use(self)
             if use >= len(self.names):
                 raise RuntimeError(f"ekdaa: a DFA delivery point ({self.activation}) was used {use + 1} times in one "

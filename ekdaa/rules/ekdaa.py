@@ -195,7 +195,7 @@ class ErrorMap(nn.Module):
         self.kernel = error_map_kernel(activation, tau)
 
     def forward(self, h: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self.rule.plain:
             return self.activation(h)
         if self.parametric:
             return _ErrorMapFn.apply(h, self, *self.activation.parameters())
@@ -221,12 +221,12 @@ class _BilinearRouteFn(torch.autograd.Function):
 class BilinearRoutedPool(nn.Module):
     """``nn.MaxPool2d`` whose backward routes d by bilinear upsampling (authors' code)."""
 
-    def __init__(self, pool: nn.MaxPool2d):
+    def __init__(self, pool: nn.MaxPool2d, rule: "EKDAA"):
         super().__init__()
-        self.pool = pool
+        self.pool, self.rule = pool, rule
 
     def forward(self, x: Tensor) -> Tensor:
-        return _BilinearRouteFn.apply(x, self.pool) if torch.is_grad_enabled() else self.pool(x)
+        return _BilinearRouteFn.apply(x, self.pool) if torch.is_grad_enabled() and not self.rule.plain else self.pool(x)
 
     def unconverted(self) -> nn.Module:
         return self.pool
@@ -305,5 +305,5 @@ class EKDAA(Rule):
         if type(module) is not nn.MaxPool2d or module.return_indices:
             return module
         if self.pool_routing == "bilinear":
-            return BilinearRoutedPool(module)
+            return BilinearRoutedPool(module, self)
         return memory.MaxPool2d.convert(module)

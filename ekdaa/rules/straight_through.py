@@ -33,8 +33,12 @@ class _StraightThroughSignFn(torch.autograd.Function):
 class StraightThroughSign(Sign):
     """Sign whose backward passes the error where |h| <= 1 and stops it elsewhere."""
 
+    def __init__(self, rule: "StraightThroughBP"):
+        super().__init__()
+        self.rule = rule
+
     def forward(self, h: Tensor) -> Tensor:
-        return _StraightThroughSignFn.apply(h) if torch.is_grad_enabled() else torch.sign(h)
+        return _StraightThroughSignFn.apply(h) if torch.is_grad_enabled() and not self.rule.plain else torch.sign(h)
 
     def unconverted(self) -> nn.Module:
         return Sign()
@@ -49,4 +53,4 @@ class StraightThroughBP(BP):
 
     def convert_activation(self, path: str, module: nn.Module) -> nn.Module:
         sign = type(module) is Sign or isinstance(module, Called) and module.name == "sign"
-        return StraightThroughSign() if sign else module
+        return StraightThroughSign(self) if sign else module
