@@ -367,7 +367,8 @@ class _Converted:
     inner loop of adversarial training) runs the plain model, so the input's gradient is the true one,
     with the parameters detached, so that no parameter gets backprop's gradient from it without asking
     (``ekdaa.backprop`` asks). A training step, whose input requires no grad, runs the rule (in train
-    or eval mode alike)."""
+    or eval mode alike); a converted part behind a trainable module would not, so whole networks are
+    converted."""
 
     ekdaa_rule: Rule
 
