@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from ekdaa.reproduce import headline
@@ -31,25 +32,24 @@ def test_the_readmes_results_table_is_what_the_records_say():
     assert table == headline(ROOT / "results"), "regenerate it: ekdaa report --headline"
 
 
-def test_every_command_line_option_the_docs_name_is_one_its_command_takes(capsys):
+def help_of(args: list[str], capsys) -> str:
+    """What ``ekdaa ARGS --help`` prints (it exits 0)."""
     from ekdaa.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_command_line_option_the_docs_name_is_one_its_command_takes(capsys):
     named: dict[str, set[str]] = {}
     for path in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
         for command, rest in re.findall(r"\bekdaa ([a-z]+)\b([^`\n]*)", path.read_text()):
             named.setdefault(command, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest))
-    try:
-        main(["--help"])
-    except SystemExit:
-        pass
-    commands = set(re.findall(r"^    ([a-z]+)\b", capsys.readouterr().out, flags=re.M))
+    commands = set(re.findall(r"^    ([a-z]+)\b", help_of([], capsys), flags=re.M))
     assert {"train", "reproduce", "attack"} <= named.keys() & commands
     for command, options in sorted(named.items()):
         if command not in commands:  # prose: "ekdaa unfused"
             continue
-        try:
-            main([command, "--help"])
-        except SystemExit:
-            pass
-        taken = set(re.findall(r"--[a-z][a-z0-9-]*", capsys.readouterr().out))
-        assert taken, f"ekdaa {command} is not a command"
+        taken = set(re.findall(r"--[a-z][a-z0-9-]*", help_of([command], capsys)))
         assert options <= taken, f"ekdaa {command} takes no {sorted(options - taken)}"

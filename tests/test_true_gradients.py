@@ -131,5 +131,4 @@ def test_a_training_step_keeps_the_rule_in_eval_mode_and_backprop_gives_true_gra
 
 def test_backprop_refuses_a_model_that_is_not_converted():
     with pytest.raises(ekdaa.ConversionError, match="not converted"):
-        with ekdaa.backprop(network()):
-            pass
+        ekdaa.backprop(network()).__enter__()

@@ -71,23 +71,21 @@ def _layout(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[P
     """Class names and (file, label) lists of train and test (None: split here)."""
     if not root.is_dir():
         raise DataError(f"{root} not found: folder:PATH needs a folder of class sub-folders (or train/ and test/)")
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        train, test = _classes(root / "train"), _classes(root / "test")
-        unknown = sorted(set(test) - set(train))
-        if unknown:
-            raise DataError(f"{root / 'test'}: classes {unknown} have no training images in {root / 'train'}")
-        names = list(train)
-        if len(names) < 2:
-            raise DataError(f"{root / 'train'}: one class ({names[0]}): a classifier needs at least two class "
-                            "sub-folders with images")
-        return names, [(p, names.index(c)) for c in names for p in train[c]], \
-            [(p, names.index(c)) for c in test for p in test[c]]
-    found = _classes(root)
-    names = list(found)
+    split = (root / "train").is_dir() and (root / "test").is_dir()
+    train_root = root / "train" if split else root
+    train = _classes(train_root)
+    names = list(train)
     if len(names) < 2:
-        raise DataError(f"{root}: one class ({names[0]}): a classifier needs at least two class sub-folders "
+        raise DataError(f"{train_root}: one class ({names[0]}): a classifier needs at least two class sub-folders "
                         "with images")
-    return names, [(p, names.index(c)) for c in names for p in found[c]], None
+    labelled = [(p, names.index(c)) for c in names for p in train[c]]
+    if not split:
+        return names, labelled, None
+    test = _classes(root / "test")
+    unknown = sorted(set(test) - set(train))
+    if unknown:
+        raise DataError(f"{root / 'test'}: classes {unknown} have no training images in {train_root}")
+    return names, labelled, [(p, names.index(c)) for c in test for p in test[c]]
 
 
 def _key(train: list[tuple[Path, int]], test: list[tuple[Path, int]], image_size: int) -> str:

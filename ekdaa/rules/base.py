@@ -341,7 +341,7 @@ def backprop(model: nn.Module) -> Iterator[nn.Module]:
     backprop's, every gradient (input's and parameters') the true one; its rule's again after. What an
     input-gradient method on a converted model gets without asking (see :class:`_Converted`), with the
     parameters' true gradients too."""
-    rule = _root(model).ekdaa_rule
+    rule = _root(model, "backprop").ekdaa_rule
     previous, rule.plain = rule.plain, True
     try:
         yield model
@@ -349,12 +349,12 @@ def backprop(model: nn.Module) -> Iterator[nn.Module]:
         rule.plain = previous
 
 
-def _root(model: nn.Module) -> nn.Module:
+def _root(model: nn.Module, caller: str) -> nn.Module:
     """The converted model inside a DistributedDataParallel or torch.compile wrapper."""
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
     if getattr(model, "ekdaa_rule", None) is None:
-        raise ConversionError("the model is not converted (ekdaa.convert gives one)")
+        raise ConversionError(f"{caller}: the model is not converted (ekdaa.convert gives one)")
     return model
 
 
@@ -380,10 +380,6 @@ class _Converted:
             detached = {name: p.detach() for name, p in self.named_parameters()}
             return torch.func.functional_call(self, detached, args, kwargs)
 
-    def unconverted(self) -> nn.Module:
-        self.__class__ = type(self).__bases__[1]
-        return self.unconverted() if hasattr(self, "unconverted") else self
-
 
 _CONVERTED_CLASSES: dict[type, type] = {}
 
@@ -398,13 +394,10 @@ def unconvert(model: nn.Module) -> nn.Module:
     included): the same modules as before conversion, with the trained W, b and normalisation
     state, feedback tensors dropped, so its ``state_dict`` loads into the original class. The
     converted model is left as it is."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    rule = getattr(model, "ekdaa_rule", None)
-    if rule is None:
-        raise ConversionError("unconvert: the model is not converted (ekdaa.convert gives one)")
-    plain = copy.deepcopy(model)
+    model = _root(model, "unconvert")
+    rule, plain = model.ekdaa_rule, copy.deepcopy(model)
     del plain.ekdaa_rule
+    plain.__class__ = type(plain).__bases__[1]  # its own class (or the routed one) again: see Rule.convert
     for key, hook in list(plain._forward_pre_hooks.items()):
         if hook is _start_forward:
             del plain._forward_pre_hooks[key]
