@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,14 @@ def test_interrupted_run_resumes(suite, tmp_path, monkeypatch):
     rp.reproduce(suite, datasets=["digits"], rules=["bp"], seeds=[0], activations=["tanh"], device="cpu",
                  log=lambda s: None)
     assert seen["resume"] is True
+    shutil.rmtree(tmp_path / "results")  # stopped before its first checkpoint: started again, not refused
+    for file in work.iterdir():
+        if file.name != "config.json":
+            file.unlink()
+    lines: list[str] = []
+    rp.reproduce(suite, datasets=["digits"], rules=["bp"], seeds=[0], activations=["tanh"], device="cpu",
+                 log=lines.append)
+    assert f"restart digits/{run.name}" in lines and (work / "summary.json").exists()
 
 
 def test_report_without_runs_is_an_error(tmp_path):
