@@ -136,6 +136,7 @@ class TrainConfig:
     error_norm: str | None = rule_option("error_norm")
     target_function: str | None = rule_option("target_function")
     tau: float | None = rule_option("tau")
+    error_map: str | None = rule_option("error_map")
 
     def __post_init__(self) -> None:
         """A rule option left unset (None) takes the model's recommendation (``RECOMMENDED``) where

@@ -208,6 +208,7 @@ def transmit_of(model: nn.Module) -> dict[str, Tensor]:
 def reference_grads(layers: list, rule: str, x: Tensor, y: Tensor, *, beta: float = 0.9,
                     pool_routing: str = "max", error_norm: str = "none",
                     target_function: str = "activation", tau: float = 1.0, norm_backward: str = "autograd",
+                    error_map: str = "auto",
                     transmit: dict | None = None, direct: dict | None = None) -> dict[str, Tensor]:
     """Per-parameter updates of ``rule`` for the plain layer list ``layers`` (modules, or
     :class:`Residual` blocks).
@@ -217,11 +218,14 @@ def reference_grads(layers: list, rule: str, x: Tensor, y: Tensor, *, beta: floa
     layers send nothing: an activation gets f'(h) (B e_L + whatever reaches it through a
     skip connection)). ``bp-ste`` is ``bp`` with the pseudo-derivative 1[|h| <= 1] at Sign.
     ``norm_backward="inverse-std"``: the error crosses a BatchNorm divided by sigma only.
+    ``error_map``: EKDAA's e = z - f(h - beta d) (one-sided) or f(h + beta d / 2) - f(h - beta d / 2)
+    (centered); auto: one-sided for tanh, sigmoid, sign, ReLU, hardtanh, centered for the others.
     Keys of the result are ``"{path}.weight"``, ``"{path}.bias"``; paths of a plain list
     are the indices.
     """
     ctx = dict(rule=rule, beta=beta, pool_routing=pool_routing, error_norm=error_norm,
-               target_function=target_function, tau=tau, norm_backward=norm_backward, n=x.shape[0], grads={},
+               target_function=target_function, tau=tau, norm_backward=norm_backward, error_map=error_map,
+               n=x.shape[0], grads={},
                transmit={str(k): v for k, v in (transmit or {}).items()},
                direct={str(k): v for k, v in (direct or {}).items()})
     records = _forward(layers, x, "")
@@ -428,8 +432,11 @@ def _attention_backward(mha: nn.MultiheadAttention, x: Tensor, r: dict, d: Tenso
     d_a = d_o @ r["v"].transpose(-2, -1)
     d_v = r["a"].transpose(-2, -1) @ d_o
     if ctx["rule"] == "ekdaa":
-        p = torch.exp(r["s"] - ctx["beta"] * d_a - (r["s"] - ctx["beta"] * d_a).amax(-1, keepdim=True))
-        e_s = r["a"] - p / p.sum(-1, keepdim=True)
+        softmax = nn.Softmax(-1)
+        if _centered(softmax, ctx):
+            e_s = _f(softmax, r["s"] + ctx["beta"] * d_a / 2) - _f(softmax, r["s"] - ctx["beta"] * d_a / 2)
+        else:
+            e_s = r["a"] - _f(softmax, r["s"] - ctx["beta"] * d_a)
     else:
         e_s = r["a"] * (d_a - (r["a"] * d_a).sum(-1, keepdim=True))
     d_q = e_s @ r["k"] * r["scale"]
@@ -439,6 +446,13 @@ def _attention_backward(mha: nn.MultiheadAttention, x: Tensor, r: dict, d: Tenso
     grads[f"{path}.attention.in_proj_weight"] = e2.t() @ x2 / n
     grads[f"{path}.attention.in_proj_bias"] = e2.sum(0) / n
     return e_in @ ctx["transmit"][f"{path}.attention"]
+
+
+def _centered(layer: nn.Module, ctx: dict) -> bool:
+    """Whether EKDAA's error map at ``layer`` is centered."""
+    if ctx["error_map"] == "auto":
+        return not isinstance(layer, (nn.Tanh, nn.Sigmoid, ekdaa.Sign, nn.ReLU, nn.Hardtanh))
+    return ctx["error_map"] == "centered"
 
 
 def _activation(layer: nn.Module, h: Tensor, z: Tensor, d: Tensor, path: str, ctx: dict) -> Tensor:
@@ -452,6 +466,8 @@ def _activation(layer: nn.Module, h: Tensor, z: Tensor, d: Tensor, path: str, ct
             d = d * h.pow(2).reshape(n, -1).mean(1).sqrt().view(n, *[1] * (d.dim() - 1))
         if ctx["target_function"] == "smooth":
             return _smooth(layer, h, ctx["tau"]) - _smooth(layer, h - beta * d, ctx["tau"])
+        if _centered(layer, ctx):
+            return _f(layer, h + beta * d / 2) - _f(layer, h - beta * d / 2)
         return z - _f(layer, h - beta * d)
     if rule == "dfa":
         b = ctx["direct"][path]

@@ -252,11 +252,19 @@ def test_multihead_attention_in_its_variants(variant):
                 assert got[name].isfinite().all() and got[name].norm() > 0, (rule, name)
 
 
+#: The activations EKDAA's error_map='auto' keeps one-sided (the paper's tanh and sigmoid, piecewise-linear ones)
+ONE_SIDED = ("Tanh", "Sigmoid", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "Hardtanh", "Threshold", "Hardshrink",
+             "Softshrink")
+
+
+@pytest.mark.parametrize("error_map", ["auto", "one-sided", "centered"])
 @pytest.mark.parametrize("activation", [getattr(nn, name) for name in nn.modules.activation.__all__
                                         if name not in ("MultiheadAttention", "GLU")], ids=lambda c: c.__name__)
-def test_every_activation_in_torch_nn_gets_its_error_map_from_f_alone(activation):
-    """e = f(h) - f(h - beta d) for every activation module (f evaluated by the module itself, never a
-    derivative; RReLU's through its mean slope); under fa, autograd's derivative."""
+def test_every_activation_in_torch_nn_gets_its_error_map_from_f_alone(activation, error_map):
+    """e = f(h) - f(h - beta d), or centered f(h + beta d / 2) - f(h - beta d / 2), for every activation
+    module (f evaluated by the module itself, never a derivative; RReLU's through its mean slope); auto:
+    one-sided for the paper's and the piecewise-linear activations, centered for the others; under fa,
+    autograd's derivative."""
     torch.manual_seed(0)
     args = {nn.Threshold: (0.1, -1.0), nn.Softmax: (1,), nn.Softmin: (1,), nn.LogSoftmax: (1,)}.get(activation, ())
     act = activation(*args)
@@ -267,9 +275,10 @@ def test_every_activation_in_torch_nn_gets_its_error_map_from_f_alone(activation
         net = nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 4))
         x = torch.randn(5, 4)
     y = torch.arange(5) % 4
-    model = converted(net, "ekdaa", x, beta=0.5)
+    model = converted(net, "ekdaa", x, beta=0.5, error_map=error_map)
     torch.manual_seed(1)  # RReLU's slopes: the same draw for both forwards
     got = grads_of(model, x, y)
+    centered = error_map == "centered" or error_map == "auto" and activation.__name__ not in ONE_SIDED
     with torch.no_grad():
         f = copy.deepcopy(act).eval()  # RReLU: its mean slope
         h = net[0](x)
@@ -277,7 +286,7 @@ def test_every_activation_in_torch_nn_gets_its_error_map_from_f_alone(activation
         z = net(x)
         e_out = torch.softmax(z, 1) - F.one_hot(y, 4)
         d = (e_out @ model[-1].error_kernel).reshape(h.shape)
-        e = f(h) - f(h - 0.5 * d)
+        e = f(h + 0.25 * d) - f(h - 0.25 * d) if centered else f(h) - f(h - 0.5 * d)
         e2 = e.reshape(5, 3, -1).transpose(1, 2).reshape(-1, 3) if h.dim() == 4 else e
         x2 = x.reshape(5, 2, -1).transpose(1, 2).reshape(-1, 2) if h.dim() == 4 else x
     want = (e2.t() @ x2 / 5).reshape(net[0].weight.shape)
@@ -286,6 +295,26 @@ def test_every_activation_in_torch_nn_gets_its_error_map_from_f_alone(activation
         torch.testing.assert_close(got["1.activation.weight"], (d * h.clamp(max=0)).sum().view(1) / 5, rtol=1e-4,
                                    atol=1e-7)
     assert converted(net, "fa", x).ekdaa_rule.name == "fa"
+
+
+def test_the_centered_error_map_has_no_curvature_bias():
+    """On Hardswish's quadratic piece the centered map is beta f'(h) d exactly, the one-sided one is off by
+    (beta d)^2 f''(h) / 2 = (beta d)^2 / 6: one sign whatever d's, so over a batch it does not cancel."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.Hardswish(), nn.Linear(64, 3))
+    x, y = torch.randn(32, 4, dtype=torch.float64) * 0.3, torch.arange(32) % 3
+    net = net.double()
+    with torch.no_grad():
+        h = net[0](x)
+        assert h.abs().max() < 2  # on the quadratic piece, f(u) = u (u + 3) / 6
+    for error_map in ("one-sided", "centered"):
+        model = converted(copy.deepcopy(net), "ekdaa", x, beta=0.9, error_map=error_map)
+        got = grads_of(model, x, y)["0.bias"]
+        with torch.no_grad():
+            d = (torch.softmax(model(x), 1) - F.one_hot(y, 3)) @ model[-1].error_kernel
+        first_order = (0.9 * (2 * h + 3) / 6 * d).mean(0)
+        bias = 0 if error_map == "centered" else ((0.9 * d) ** 2 / 6).mean(0)
+        torch.testing.assert_close(got, first_order - bias)
 
 
 class SubclassedGELU(nn.GELU):

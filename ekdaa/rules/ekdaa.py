@@ -12,6 +12,17 @@ W is never used to send error down. Per sample:
     dW_l = <e_l (x) z_{l-1}>,  db_l = <sum e_l>            local updates (batch mean <.>)
     dE_l = gamma * dW_l                                    error-kernel update
 
+Centered error map (``error_map='centered'``, not the paper's equation, a variant named as such):
+e = f(h + beta d / 2) - f(h - beta d / 2). The paper's one-sided map is e = beta f'(h) d - (beta d)^2
+f''(h) / 2 + ...: where f curves, its second term has one sign whatever d's, so it adds up over samples
+and steps where the first-order terms cancel (a drift that BatchNorm's running statistics then trail:
+EKDAA's MobileNetV3-style network in eval mode fell to chance with it). Centered, it cancels (the
+error is O(beta^3 d^3); exact for a quadratic piece such as Hardswish's). As in equilibrium
+propagation's symmetric nudging (Laborieux et al., 2021). Still only f, never f'. The default, ``auto``,
+keeps the paper's map for the activations it was defined and measured on (tanh, sigmoid, sign) and
+for piecewise-linear ones (ReLU family, hardtanh: f'' = 0 away from their kinks), and centers it for
+every other (GELU, SiLU, Hardswish, Hardsigmoid, Mish, ELU, softmax, ...).
+
 The two lines of code below, :func:`target` and :func:`error_map`, are the target and the error map;
 the backward of :class:`ErrorMap` applies them to the error d that arrives, in the paper's names. The
 weight layers' part (d through E, dW, dE = dW) is the feedback layers' (:mod:`ekdaa.layers`), with E a
@@ -43,7 +54,7 @@ from torch import Tensor, nn
 
 from .. import memory
 from ..fused import Fused
-from ..layers import ACTIVATIONS, Sign, activation_function, stochastic
+from ..layers import ACTIVATIONS, IdentityActivation, Sign, activation_function, stochastic
 from .base import NORM_BACKWARD, ConversionError, Option, Rule, random_feedback
 from .calls import ACTIVATION_CALLS, Called
 
@@ -56,10 +67,28 @@ def target(h: Tensor, d: Tensor, beta: float | Tensor) -> Tensor:
 
 
 def error_map(f: Callable[[Tensor], Tensor], h: Tensor, d: Tensor, beta: float | Tensor,
-              z: Tensor | None = None) -> Tensor:
+              z: Tensor | None = None, centered: bool = False) -> Tensor:
     """The error map at an activation f, e = z - f(h - beta d), with z = f(h) (given where already
-    computed); through a smooth stand-in g for f, e = g(h) - g(h - beta d)."""
+    computed); ``centered``: e = f(h + beta d / 2) - f(h - beta d / 2). Through a smooth stand-in g
+    for f, the same with g."""
+    if centered:
+        return f(target(h, d, -beta / 2)) - f(target(h, d, beta / 2))
     return (f(h) if z is None else z) - f(target(h, d, beta))
+
+
+#: The activations whose error map ``error_map='auto'`` keeps one-sided, the paper's: its own (tanh,
+#: sigmoid, sign) and the piecewise-linear ones (no curvature away from their kinks); the rest, centered.
+ONE_SIDED = (nn.Tanh, nn.Sigmoid, Sign, IdentityActivation, nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU,
+             nn.Hardtanh, nn.Threshold, nn.Hardshrink, nn.Softshrink)
+ONE_SIDED_CALLS = frozenset({"tanh", "sigmoid", "sign", "relu", "relu6", "leaky_relu", "rrelu", "prelu", "hardtanh",
+                             "threshold", "hardshrink", "softshrink", "clamp", "clamp_min", "clamp_max", "clip"})
+
+
+def centered_by_default(activation: nn.Module) -> bool:
+    """Whether ``error_map='auto'`` centers this activation's error map."""
+    if isinstance(activation, Called):
+        return activation.name not in ONE_SIDED_CALLS
+    return not isinstance(activation, ONE_SIDED)
 
 
 def tanh_by_exp(u: Tensor) -> Tensor:
@@ -94,35 +123,35 @@ def _wide(t: Tensor) -> Tensor:
     return t.float() if _half(t) else t
 
 
-def _kernel_fn(f: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
-    """``error_map(f, h, d, beta, z) * scale``, its small difference taken in float32 for 16-bit inputs
+def _kernel_fn(f: Callable[[Tensor], Tensor], centered: bool) -> Callable[..., Tensor]:
+    """``error_map(f, h, d, beta, z, centered) * scale``, its small difference taken in float32 for 16-bit inputs
     (eagerly at the cost of casts in and one out; fused, in registers; and where torch.compile runs the
     function eagerly after all, e.g. under a TorchDispatchMode, tanh_by_exp in bf16 would lose e)."""
     def kernel(h: Tensor, d: Tensor, beta: float | Tensor, scale: float, z: Tensor | None = None) -> Tensor:
         if not _half(h):
-            return error_map(f, h, d, beta, z) * scale
-        return (error_map(f, h.float(), d.float(), beta) * scale).to(h.dtype)  # a 16-bit z is never given
+            return error_map(f, h, d, beta, z, centered) * scale
+        return (error_map(f, h.float(), d.float(), beta, centered=centered) * scale).to(h.dtype)  # a 16-bit z is never given
     return kernel
 
 
 _KERNELS: dict[tuple, Fused] = {}
 
 
-def error_map_kernel(activation: nn.Module, tau: float | None) -> Fused:
-    """The error map of ``activation`` (through its smooth stand-in if ``tau`` is given),
+def error_map_kernel(activation: nn.Module, tau: float | None, centered: bool = False) -> Fused:
+    """The error map of ``activation`` (through its smooth stand-in if ``tau`` is given; ``centered``),
     ``kernel(h, d, beta, scale, z=None)``, as one fused pass written over h (on a GPU at any size, on
     the CPU on large tensors), shared by every layer with the same activation (torch's activations and
     calls: by type and arguments; a subclass or a parametric one: its own); fused, a difference of two
     tanh values evaluates them as :func:`tanh_by_exp`."""
     shared = type(activation) in (*ACTIVATIONS, Called) and not any(True for _ in activation.parameters())
-    key = (type(activation), activation.extra_repr(), tau) if shared else None
+    key = (type(activation), activation.extra_repr(), tau, centered) if shared else None
     if key not in _KERNELS:
         def f(tanh: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
             if tau is not None:
                 return smooth_stand_in(activation, tau, tanh)
             return tanh if isinstance(activation, nn.Tanh) else activation_function(activation, mean=True)
-        kernel = Fused(_kernel_fn(f(torch.tanh)), f"EKDAA's error map ({type(activation).__name__})",
-                       fused_fn=_kernel_fn(f(tanh_by_exp)))
+        kernel = Fused(_kernel_fn(f(torch.tanh), centered), f"EKDAA's error map ({type(activation).__name__})",
+                       fused_fn=_kernel_fn(f(tanh_by_exp), centered))
         if key is None:
             return kernel
         _KERNELS[key] = kernel
@@ -177,8 +206,8 @@ class _ErrorMapFn(torch.autograd.Function):
 
 class ErrorMap(nn.Module):
     """An activation whose backward is EKDAA's error map (forward unchanged), formed through
-    the activation itself or, with ``tau``, through its smooth stand-in. f and the target function
-    are fixed at conversion; beta, ``error_norm``, ``loss_reduction`` and ``fuse`` are read from the
+    the activation itself or, with ``tau``, through its smooth stand-in. f, the target function and
+    whether the map is centered are fixed at conversion; beta, ``error_norm``, ``loss_reduction`` and ``fuse`` are read from the
     rule at each backward (a schedule may change beta)."""
 
     def __init__(self, activation: nn.Module, rule: "EKDAA", tau: float | None = None):
@@ -189,10 +218,11 @@ class ErrorMap(nn.Module):
         self.forward_f = self.f if not stochastic(activation) else activation_function(activation)
         self.called = isinstance(activation, Called)  # applied as a function in a module's forward
         self.parametric = any(True for _ in activation.parameters())  # PReLU
+        self.centered = rule.error_map == "centered" or rule.error_map == "auto" and centered_by_default(activation)
         # e = z - f(h~): takes a z already computed; a target drawn at random (RReLU) differs from z even
         # where d = 0, so there e = f(h) - f(h~) through the mean slope
-        self.literal = tau is None and not stochastic(activation)
-        self.kernel = error_map_kernel(activation, tau)
+        self.literal = tau is None and not stochastic(activation) and not self.centered
+        self.kernel = error_map_kernel(activation, tau, self.centered)
 
     def forward(self, h: Tensor) -> Tensor:
         if not torch.is_grad_enabled() or self.rule.plain:
@@ -260,6 +290,10 @@ class EKDAA(Rule):
                "target and error map through g = tanh(u/tau) for sign (hardtanh, relu6: by their bounds), "
                "not the paper's", choices=("activation", "smooth")),
         Option("tau", 1.0, "temperature of the smooth target's g", above=0),
+        Option("error_map", "auto", "one-sided: e = f(h) - f(h - beta*d), the paper's; centered: e = f(h + beta*d/2) - "
+               "f(h - beta*d/2), whose curvature bias cancels (not the paper's); auto: one-sided for tanh, sigmoid, "
+               "sign and piecewise-linear activations, centered for the others (GELU, SiLU, Hardswish, softmax, ...)",
+               choices=("auto", "one-sided", "centered")),
         NORM_BACKWARD,
         Option("loss_reduction", "mean", "mean if the loss averages over the batch (F.cross_entropy's "
                "default), sum if it sums", choices=("mean", "sum"), train=False),
