@@ -9,7 +9,7 @@ residual blocks (the error splits over both branches and sums at the input), and
 derivatives written out by hand. No autograd, no ``convolution_backward``. Errors are
 per sample (e_L = softmax - onehot); updates are batch means. Grouped (and depthwise) convolutions are
 one unfold and product per group; a softmax activation's derivative rules use its Jacobian, EKDAA its
-error map softmax(h) - softmax(h - beta d) like any activation's.
+error map like any activation's (centered by default: softmax(h + beta d / 2) - softmax(h - beta d / 2)).
 """
 from __future__ import annotations
 
