@@ -124,13 +124,14 @@ def _wide(t: Tensor) -> Tensor:
 
 
 def _kernel_fn(f: Callable[[Tensor], Tensor], centered: bool) -> Callable[..., Tensor]:
-    """``error_map(f, h, d, beta, z, centered) * scale``, its small difference taken in float32 for 16-bit inputs
-    (eagerly at the cost of casts in and one out; fused, in registers; and where torch.compile runs the
+    """``error_map(f, h, d, beta, z, centered) * scale``, its small difference taken in float32 for 16-bit
+    inputs (eagerly at the cost of casts in and one out; fused, in registers; and where torch.compile runs the
     function eagerly after all, e.g. under a TorchDispatchMode, tanh_by_exp in bf16 would lose e)."""
     def kernel(h: Tensor, d: Tensor, beta: float | Tensor, scale: float, z: Tensor | None = None) -> Tensor:
         if not _half(h):
             return error_map(f, h, d, beta, z, centered) * scale
-        return (error_map(f, h.float(), d.float(), beta, centered=centered) * scale).to(h.dtype)  # a 16-bit z is never given
+        wide = error_map(f, h.float(), d.float(), beta, centered=centered)  # a 16-bit z is never given
+        return (wide * scale).to(h.dtype)
     return kernel
 
 
@@ -207,8 +208,8 @@ class _ErrorMapFn(torch.autograd.Function):
 class ErrorMap(nn.Module):
     """An activation whose backward is EKDAA's error map (forward unchanged), formed through
     the activation itself or, with ``tau``, through its smooth stand-in. f, the target function and
-    whether the map is centered are fixed at conversion; beta, ``error_norm``, ``loss_reduction`` and ``fuse`` are read from the
-    rule at each backward (a schedule may change beta)."""
+    whether the map is centered are fixed at conversion; beta, ``error_norm``, ``loss_reduction`` and
+    ``fuse`` are read from the rule at each backward (a schedule may change beta)."""
 
     def __init__(self, activation: nn.Module, rule: "EKDAA", tau: float | None = None):
         super().__init__()
