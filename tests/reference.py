@@ -219,7 +219,7 @@ def reference_grads(layers: list, rule: str, x: Tensor, y: Tensor, *, beta: floa
     skip connection)). ``bp-ste`` is ``bp`` with the pseudo-derivative 1[|h| <= 1] at Sign.
     ``norm_backward="inverse-std"``: the error crosses a BatchNorm divided by sigma only.
     ``error_map``: EKDAA's e = z - f(h - beta d) (one-sided) or f(h + beta d / 2) - f(h - beta d / 2)
-    (centered); auto: one-sided for tanh, sigmoid, sign, ReLU, hardtanh, centered for the others.
+    (centered); auto: one-sided for tanh, sign, ReLU, hardtanh, centered for the others.
     Keys of the result are ``"{path}.weight"``, ``"{path}.bias"``; paths of a plain list
     are the indices.
     """
@@ -451,7 +451,7 @@ def _attention_backward(mha: nn.MultiheadAttention, x: Tensor, r: dict, d: Tenso
 def _centered(layer: nn.Module, ctx: dict) -> bool:
     """Whether EKDAA's error map at ``layer`` is centered."""
     if ctx["error_map"] == "auto":
-        return not isinstance(layer, (nn.Tanh, nn.Sigmoid, ekdaa.Sign, nn.ReLU, nn.Hardtanh))
+        return not isinstance(layer, (nn.Tanh, ekdaa.Sign, nn.ReLU, nn.Hardtanh))
     return ctx["error_map"] == "centered"
 
 

@@ -19,9 +19,9 @@ and steps where the first-order terms cancel (a drift that BatchNorm's running s
 EKDAA's MobileNetV3-style network in eval mode fell to chance with it). Centered, it cancels (the
 error is O(beta^3 d^3); exact for a quadratic piece such as Hardswish's). As in equilibrium
 propagation's symmetric nudging (Laborieux et al., 2021). Still only f, never f'. The default, ``auto``,
-keeps the paper's map for the activations it was defined and measured on (tanh, sigmoid, sign) and
-for piecewise-linear ones (ReLU family, hardtanh: f'' = 0 away from their kinks), and centers it for
-every other (GELU, SiLU, Hardswish, Hardsigmoid, Mish, ELU, softmax, ...).
+keeps the paper's map for tanh (the paper's activation, its results recorded so), sign and the
+piecewise-linear ones (ReLU family, hardtanh: f'' = 0 away from their kinks), and centers it for every
+other (sigmoid, GELU, SiLU, Hardswish, Hardsigmoid, Mish, ELU, softmax, ...).
 
 The two lines of code below, :func:`target` and :func:`error_map`, are the target and the error map;
 the backward of :class:`ErrorMap` applies them to the error d that arrives, in the paper's names. The
@@ -76,11 +76,12 @@ def error_map(f: Callable[[Tensor], Tensor], h: Tensor, d: Tensor, beta: float |
     return (f(h) if z is None else z) - f(target(h, d, beta))
 
 
-#: The activations whose error map ``error_map='auto'`` keeps one-sided, the paper's: its own (tanh,
-#: sigmoid, sign) and the piecewise-linear ones (no curvature away from their kinks); the rest, centered.
-ONE_SIDED = (nn.Tanh, nn.Sigmoid, Sign, IdentityActivation, nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU,
+#: The activations whose error map ``error_map='auto'`` keeps one-sided, the paper's: tanh (the paper's
+#: own, its results recorded so), sign and the piecewise-linear ones (no curvature away from their kinks);
+#: the rest, centered.
+ONE_SIDED = (nn.Tanh, Sign, IdentityActivation, nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU,
              nn.Hardtanh, nn.Threshold, nn.Hardshrink, nn.Softshrink)
-ONE_SIDED_CALLS = frozenset({"tanh", "sigmoid", "sign", "relu", "relu6", "leaky_relu", "rrelu", "prelu", "hardtanh",
+ONE_SIDED_CALLS = frozenset({"tanh", "sign", "relu", "relu6", "leaky_relu", "rrelu", "prelu", "hardtanh",
                              "threshold", "hardshrink", "softshrink", "clamp", "clamp_min", "clamp_max", "clip"})
 
 
@@ -292,8 +293,8 @@ class EKDAA(Rule):
                "not the paper's", choices=("activation", "smooth")),
         Option("tau", 1.0, "temperature of the smooth target's g", above=0),
         Option("error_map", "auto", "one-sided: e = f(h) - f(h - beta*d), the paper's; centered: e = f(h + beta*d/2) - "
-               "f(h - beta*d/2), whose curvature bias cancels (not the paper's); auto: one-sided for tanh, sigmoid, "
-               "sign and piecewise-linear activations, centered for the others (GELU, SiLU, Hardswish, softmax, ...)",
+               "f(h - beta*d/2), whose curvature bias cancels (not the paper's); auto: one-sided for tanh, sign and "
+               "piecewise-linear activations, centered for the others (sigmoid, GELU, SiLU, Hardswish, softmax, ...)",
                choices=("auto", "one-sided", "centered")),
         NORM_BACKWARD,
         Option("loss_reduction", "mean", "mean if the loss averages over the batch (F.cross_entropy's "
