@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
+import tomllib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ekdaa.data import batches
 from ekdaa.train import TrainConfig, build, prepare_data
 
 SUITE_ROW = dict(dataset="fashion-mnist", model="mobilenet", rule="ekdaa", batch_size=64, optimizer="adam", lr=1e-3,
@@ -26,12 +27,13 @@ SUITE_ROW = dict(dataset="fashion-mnist", model="mobilenet", rule="ekdaa", batch
 
 
 def config(pairs: list[str]) -> TrainConfig:
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    fields = dict(SUITE_ROW)
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        fields[key] = float(value) if "float" in str(types[key]) else int(value) if "int" in str(types[key]) else value
-    return TrainConfig(**fields)
+    """The suite row with KEY=VALUE pairs over it, each VALUE a TOML value or else a bare string."""
+    def value(text: str) -> object:
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+    return TrainConfig.from_dict({**SUITE_ROW, **{k: value(v) for k, v in (p.split("=", 1) for p in pairs)}})
 
 
 def largest_shift(model: nn.Module, x: torch.Tensor) -> tuple[float, str]:
@@ -70,13 +72,10 @@ def main() -> None:
     x, y = data.train
     gen = torch.Generator().manual_seed(cfg.seed)
     step, loss_sum, correct, seen = 0, 0.0, 0, 0
+    model.train()
     while step < args.steps:
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x) - cfg.batch_size + 1, cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            xb, yb = data.normalizer(x[idx]), y[idx]
-            model.train()
-            out = model(xb)
+        for xb, yb in batches(x, y, cfg.batch_size, shuffle=True, generator=gen, drop_last=True):
+            out = model(data.normalizer(xb))
             loss = F.cross_entropy(out, yb)
             opt.zero_grad()
             loss.backward()
@@ -93,6 +92,7 @@ def main() -> None:
                       f"{val_eval:.3f} train-mode {val_train:.3f}  largest BN mean shift {shift:.2f} std ({where})",
                       flush=True)
                 loss_sum, correct, seen = 0.0, 0, 0
+                model.train()
             if step >= args.steps:
                 break
 

@@ -205,11 +205,12 @@ def reproduce(suite: str | Path, datasets: list[str] | None = None, rules: list[
         work = Path(runs_dir) / name / dataset_label(ds) / run.name
         cfg = dataclasses.replace(run.config, out=str(work), data_dir=data_dir, device=device, download=download)
         # a run stopped before its first checkpoint (config.json only) restarts through the resume path
-        resume = (work / "checkpoint.pt").exists() or (work / "config.json").exists()
-        action = "train" if not resume else "resume" if (work / "checkpoint.pt").exists() else "restart"
+        checkpointed = (work / "checkpoint.pt").exists()
+        resume = checkpointed or (work / "config.json").exists()
+        action = "resume" if checkpointed else "restart" if resume else "train"
         log(f"{action}{'  ' if dry_run else ' '}{ds}/{run.name}")
         if dry_run:
-            to_train.append((run, action == "resume"))
+            to_train.append((run, checkpointed))
             continue
         try:
             train(cfg, resume=resume, log=log)
